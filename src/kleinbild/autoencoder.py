@@ -1,0 +1,248 @@
+"""The FLUX.2 autoencoder: images in [-1, 1] <-> normalised, 2x2-patchified latents.
+
+Module names are the official `ae.safetensors` tensor names, so the official file loads with
+`load_state_dict(strict=True, assign=True)` into a model built on the meta device. Anything in the
+diffusers layout goes through `kleinbild.convert.vae_from_diffusers` first.
+
+Precision: every layer runs in the dtype of the weights (GroupNorm and attention included, as the
+reference and diffusers do). Only the BatchNorm (de)normalisation of the latent is done in float32,
+because it is a handful of elementwise operations on a small tensor and keeps bf16 models from
+rounding the running statistics a second time. The BatchNorm buffers themselves follow the module
+dtype like any other buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kleinbild.config import AEConfig
+
+# Fixed by the architecture, not the checkpoint: every norm in the network uses it.
+_NORM_EPS = 1e-6
+
+
+def _group_norm(cfg: AEConfig, channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(cfg.norm_groups, channels, eps=_NORM_EPS, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cfg: AEConfig, in_ch: int, out_ch: int):
+        super().__init__()
+        self.norm1 = _group_norm(cfg, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = _group_norm(cfg, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        # Only blocks that change the width carry a projection; the official file has no identity tensors.
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return skip + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels; projections are 1x1 convolutions as in the file."""
+
+    def __init__(self, cfg: AEConfig, channels: int):
+        super().__init__()
+        self.norm = _group_norm(cfg, channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        n = self.norm(x)
+
+        def tokens(t: Tensor) -> Tensor:
+            # (B, C, H, W) -> (B, 1 head, H*W, C)
+            return t.reshape(b, 1, c, h * w).transpose(-1, -2)
+
+        out = F.scaled_dot_product_attention(tokens(self.q(n)), tokens(self.k(n)), tokens(self.v(n)))
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Asymmetric padding (right and bottom only) is what the weights were trained with; a symmetric
+        # padding=1 would shift the sampling grid by one pixel.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+    def __init__(self, cfg: AEConfig, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(cfg, channels, channels)
+        self.attn_1 = AttnBlock(cfg, channels)
+        self.block_2 = ResnetBlock(cfg, channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class DownLevel(nn.Module):
+    def __init__(self, cfg: AEConfig, in_ch: int, out_ch: int, downsample: bool):
+        super().__init__()
+        self.block = nn.ModuleList(
+            ResnetBlock(cfg, in_ch if j == 0 else out_ch, out_ch) for j in range(cfg.num_res_blocks)
+        )
+        self.downsample = Downsample(out_ch) if downsample else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        for blk in self.block:
+            x = blk(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class UpLevel(nn.Module):
+    def __init__(self, cfg: AEConfig, in_ch: int, out_ch: int, upsample: bool):
+        super().__init__()
+        self.block = nn.ModuleList(
+            ResnetBlock(cfg, in_ch if j == 0 else out_ch, out_ch) for j in range(cfg.num_res_blocks + 1)
+        )
+        self.upsample = Upsample(out_ch) if upsample else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        for blk in self.block:
+            x = blk(x)
+        return x if self.upsample is None else self.upsample(x)
+
+
+class Encoder(nn.Module):
+    """Image -> (mean, logvar) moments, quant_conv included (it lives under `encoder.` in the file)."""
+
+    def __init__(self, cfg: AEConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        last = len(widths) - 1
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList(
+            DownLevel(cfg, cfg.ch if i == 0 else widths[i - 1], widths[i], downsample=i != last)
+            for i in range(len(widths))
+        )
+        self.mid = MidBlock(cfg, widths[-1])
+        self.norm_out = _group_norm(cfg, widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return self.quant_conv(h)
+
+
+class Decoder(nn.Module):
+    """Latent (z channels, unpatchified) -> image, post_quant_conv included."""
+
+    def __init__(self, cfg: AEConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+        self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
+        self.mid = MidBlock(cfg, widths[-1])
+        # up[i] works at the resolution of down[i], so up[-1] runs first; index order is the file's.
+        self.up = nn.ModuleList(
+            UpLevel(cfg, widths[min(i + 1, len(widths) - 1)], widths[i], upsample=i != 0)
+            for i in range(len(widths))
+        )
+        self.norm_out = _group_norm(cfg, widths[0])
+        self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.conv_in(self.post_quant_conv(z))
+        h = self.mid(h)
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def _patchify(z: Tensor, p: int) -> Tensor:
+    # c (i p) (j p) -> (c p p) i j: channel-major, the patch offsets vary fastest.
+    b, c, h, w = z.shape
+    z = z.reshape(b, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4)
+    return z.reshape(b, c * p * p, h // p, w // p)
+
+
+def _unpatchify(z: Tensor, p: int) -> Tensor:
+    b, c, h, w = z.shape
+    z = z.reshape(b, c // (p * p), p, p, h, w).permute(0, 1, 4, 2, 5, 3)
+    return z.reshape(b, c // (p * p), h * p, w * p)
+
+
+class AutoEncoder(nn.Module):
+    """The FLUX.2 VAE with the latent BatchNorm statistics; see the module docstring for precision."""
+
+    def __init__(self, cfg: AEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        # Only its running statistics are used (never its forward), so train/eval mode makes no difference.
+        self.bn = nn.BatchNorm2d(cfg.latent_channels, eps=cfg.bn_eps, affine=False, track_running_stats=True)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.conv_in.weight.dtype
+
+    def _bn_stats(self) -> tuple[Tensor, Tensor]:
+        mean = self.bn.running_mean.float().view(1, -1, 1, 1)
+        std = torch.sqrt(self.bn.running_var.float().view(1, -1, 1, 1) + self.cfg.bn_eps)
+        return mean, std
+
+    def encode(self, x: Tensor) -> Tensor:
+        """(B, in_channels, H, W) image in [-1, 1] -> (B, latent_channels, H/ds, W/ds) normalised latent.
+
+        H and W must be multiples of `cfg.downscale`. The posterior mean is used (no sampling). The result
+        has the dtype of `x`.
+        """
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(
+                f"expected an image batch (B, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        ds = self.cfg.downscale
+        if x.shape[-2] % ds or x.shape[-1] % ds:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of {ds}")
+        moments = self.encoder(x.to(self.dtype))
+        mean = moments[:, : self.cfg.z_channels]
+        lat = _patchify(mean, self.cfg.patch).float()
+        bn_mean, bn_std = self._bn_stats()
+        return ((lat - bn_mean) / bn_std).to(x.dtype)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """(B, latent_channels, h, w) normalised latent -> (B, out_channels, h*ds, w*ds) image, not clamped.
+
+        The result has the dtype of `z`.
+        """
+        if z.ndim != 4 or z.shape[1] != self.cfg.latent_channels:
+            raise ValueError(
+                f"expected a latent batch (B, {self.cfg.latent_channels}, h, w), got {tuple(z.shape)}"
+            )
+        bn_mean, bn_std = self._bn_stats()
+        lat = z.float() * bn_std + bn_mean
+        lat = _unpatchify(lat, self.cfg.patch).to(self.dtype)
+        return self.decoder(lat).to(z.dtype)
+
+
+__all__ = ["AutoEncoder"]

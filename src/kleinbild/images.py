@@ -1,0 +1,81 @@
+"""Image preparation and conversion (PIL <-> tensors), with the reference code's rules for references."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+MIN_SIDE = 64
+MAX_ASPECT = 8.0
+MAX_PIXELS = 4 * 1024 * 1024
+
+
+class InputError(ValueError):
+    """Bad user input; the message names the value and how to fix it."""
+
+
+def open_image(path: str | Path) -> Image.Image:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"image file {str(p)!r} does not exist; give the path of a PNG, JPEG or WebP file")
+    try:
+        img = Image.open(p)
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"cannot read image {str(p)!r} ({e}); give a valid PNG, JPEG or WebP file") from None
+    return img
+
+
+def check_reference(img: Image.Image, index: int = 0) -> None:
+    w, h = img.size
+    if w < MIN_SIDE or h < MIN_SIDE:
+        raise InputError(
+            f"reference image {index} is {w}x{h}; both sides must be at least {MIN_SIDE} px (upscale it first)"
+        )
+    if max(w / h, h / w) > MAX_ASPECT:
+        raise InputError(
+            f"reference image {index} is {w}x{h}, aspect {max(w / h, h / w):.1f}:1; "
+            f"at most {MAX_ASPECT:g}:1 is supported (crop it)"
+        )
+
+
+def cap_pixels(img: Image.Image, max_pixels: int) -> Image.Image:
+    """Downscale only, Lanczos, to at most `max_pixels` (sides truncated like the reference code)."""
+    w, h = img.size
+    if w * h <= max_pixels:
+        return img
+    s = math.sqrt(max_pixels / (w * h))
+    return img.resize((int(w * s), int(h * s)), Image.Resampling.LANCZOS)
+
+
+def center_crop_multiple(img: Image.Image, multiple: int) -> Image.Image:
+    w, h = img.size
+    nw, nh = (w // multiple) * multiple, (h // multiple) * multiple
+    left, top = (w - nw) // 2, (h - nh) // 2
+    return img.crop((left, top, left + nw, top + nh))
+
+
+def prepare_reference(img: Image.Image, max_pixels: int, multiple: int, index: int = 0) -> Image.Image:
+    """RGB, size checks, downscale cap, centre crop to a multiple of the token size."""
+    if not isinstance(img, Image.Image):
+        raise InputError(f"reference image {index} is a {type(img).__name__}; pass a PIL image or a file path")
+    img = img.convert("RGB")
+    check_reference(img, index)
+    return center_crop_multiple(cap_pixels(img, max_pixels), multiple)
+
+
+def to_tensor(img: Image.Image) -> Tensor:
+    """PIL RGB -> (1, 3, H, W) float32 in [-1, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+def to_pil(x: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images, rounding like diffusers' postprocess."""
+    x = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in x]

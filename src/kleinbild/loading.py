@@ -1,0 +1,329 @@
+"""Finding and reading checkpoints: diffusers folders, official single files, Hugging Face repo ids.
+
+Models are built on the meta device and the file's tensors are assigned to them (strict), so a
+checkpoint is read once and never copied into freshly initialised weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from kleinbild.config import PRESETS, AEConfig, DiTConfig, ModelPreset, TextEncoderConfig, get_preset
+from kleinbild.convert import dit_from_diffusers, is_diffusers_dit, is_diffusers_vae, vae_from_diffusers
+
+log = logging.getLogger(__name__)
+
+DIFFUSERS_PATTERNS = ["model_index.json", "transformer/*", "vae/*", "text_encoder/*", "tokenizer/*", "scheduler/*"]
+_PIPELINE_CLASSES = {"Flux2KleinPipeline", "Flux2KleinKVPipeline"}
+
+
+class ModelNotFoundError(ValueError):
+    """A model path or id that holds no usable model; the message says what was looked for."""
+
+
+# ---------------------------------------------------------------- safetensors reading
+
+
+def safetensors_files(folder: Path, stem: str) -> list[Path]:
+    """The weight files of a component folder: `stem.safetensors`, or the shards listed in its index."""
+    single = folder / f"{stem}.safetensors"
+    if single.is_file():
+        return [single]
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ModelNotFoundError(f"{index} lists shards that are not there: {missing}")
+        return files
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    raise ModelNotFoundError(f"no .safetensors weights in {folder}")
+
+
+def read_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                shapes[k] = tuple(fh.get_slice(k).get_shape())
+    return shapes
+
+
+def read_tensors(
+    files: Iterable[Path],
+    wanted: Callable[[str], bool] = lambda k: True,
+    rename: Callable[[str], str] = lambda k: k,
+) -> dict[str, Tensor]:
+    """Read the tensors whose (renamed) key is wanted; the others are never read from disk."""
+    out: dict[str, Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                name = rename(k)
+                if wanted(name):
+                    out[name] = fh.get_tensor(k)
+    return out
+
+
+def load_into(model: nn.Module, state: dict[str, Tensor], what: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Strict, named checks, then assign the (converted) tensors to a meta-built model."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        if wrong:
+            parts.append(f"shape mismatches {wrong[:4]}")
+        raise ValueError(f"{what} does not match the model: " + "; ".join(parts))
+    converted = {}
+    for k, t in state.items():
+        keep_dtype = not t.is_floating_point() or k.startswith("bn.")  # BatchNorm statistics stay float32
+        converted[k] = t.to(device=device, dtype=None if keep_dtype else dtype)
+    model.load_state_dict(converted, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{path} is missing") from None
+    except json.JSONDecodeError as e:
+        raise ModelNotFoundError(f"{path} is not valid JSON ({e})") from None
+
+
+# ---------------------------------------------------------------- where the parts are
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where each component lives, and in which layout."""
+
+    preset: ModelPreset
+    dit_files: list[Path]
+    dit_layout: str  # "bfl" | "diffusers"
+    ae_files: list[Path]
+    ae_layout: str
+    text_files: list[Path]
+    text_config: dict
+    tokenizer_dir: Path
+
+
+def _text_encoder_parts(path: Path) -> tuple[list[Path], dict, Path]:
+    """A Qwen3 folder (weights + tokenizer) or a diffusers folder with text_encoder/ and tokenizer/."""
+    path = Path(path)
+    if (path / "text_encoder").is_dir():
+        te, tok = path / "text_encoder", path / "tokenizer"
+    elif (path / "config.json").is_file():
+        te, tok = path, path
+    else:
+        raise ModelNotFoundError(
+            f"text encoder {str(path)!r} is neither a Qwen3 model folder (config.json + safetensors + tokenizer) "
+            "nor a diffusers folder with text_encoder/ and tokenizer/"
+        )
+    if not (tok / "tokenizer.json").is_file():
+        raise ModelNotFoundError(f"no tokenizer.json in {tok}; the text encoder folder must hold its tokenizer")
+    return safetensors_files(te, "model"), _read_json(te / "config.json"), tok
+
+
+def _ae_parts(path: Path) -> tuple[list[Path], str]:
+    path = Path(path)
+    if path.is_file():
+        return [path], "bfl"
+    for folder in (path / "vae", path):
+        if (folder / "config.json").is_file():
+            return safetensors_files(folder, "diffusion_pytorch_model"), "diffusers"
+    if (path / "ae.safetensors").is_file():
+        return [path / "ae.safetensors"], "bfl"
+    raise ModelNotFoundError(f"autoencoder {str(path)!r}: expected ae.safetensors or a diffusers vae/ folder")
+
+
+def _behaviour(klass: str, is_distilled: bool, hidden: int) -> ModelPreset:
+    """The family member whose sampling behaviour a diffusers pipeline config describes."""
+    big = hidden >= 4096
+    if klass == "Flux2KleinKVPipeline":
+        return PRESETS["klein-9b-kv"]
+    if is_distilled:
+        return PRESETS["klein-9b" if big else "klein-4b"]
+    return PRESETS["klein-base-9b" if big else "klein-base-4b"]
+
+
+def _with_configs(template: ModelPreset, dit: DiTConfig, ae: AEConfig, text: TextEncoderConfig) -> ModelPreset:
+    if (dit, ae, text) == (template.dit, template.ae, template.text):
+        return template
+    return replace(template, name=f"custom ({template.name} sampling)", dit=dit, ae=ae, text=text)
+
+
+def _text_config(cfg: dict, template: ModelPreset, text_layers: tuple[int, ...] | None, max_len: int | None):
+    over = {"out_layers": tuple(text_layers) if text_layers else template.text.out_layers}
+    over["max_length"] = max_len or template.text.max_length
+    return TextEncoderConfig.from_hf(cfg, **over)
+
+
+def diffusers_files(
+    root: Path, text_layers: tuple[int, ...] | None = None, max_text_length: int | None = None
+) -> ModelFiles:
+    index = _read_json(root / "model_index.json")
+    klass = index.get("_class_name", "")
+    if klass not in _PIPELINE_CLASSES:
+        raise ModelNotFoundError(
+            f"{root / 'model_index.json'} names pipeline {klass!r}; kleinbild runs {sorted(_PIPELINE_CLASSES)}"
+        )
+    dit_cfg = DiTConfig.from_diffusers(_read_json(root / "transformer" / "config.json"))
+    template = _behaviour(klass, bool(index.get("is_distilled", False)), dit_cfg.hidden_size)
+    ae_cfg = AEConfig.from_diffusers(_read_json(root / "vae" / "config.json"))
+    text_files, text_cfg, tok = _text_encoder_parts(root)
+    text = _text_config(text_cfg, template, text_layers, max_text_length)
+    return ModelFiles(
+        preset=_with_configs(template, dit_cfg, ae_cfg, text),
+        dit_files=safetensors_files(root / "transformer", "diffusion_pytorch_model"),
+        dit_layout="diffusers",
+        ae_files=safetensors_files(root / "vae", "diffusion_pytorch_model"),
+        ae_layout="diffusers",
+        text_files=text_files,
+        text_config=text_cfg,
+        tokenizer_dir=tok,
+    )
+
+
+def single_file_files(
+    dit_path: Path,
+    vae: Path | None,
+    text_encoder: Path | None,
+    preset: str | None = None,
+    text_layers: tuple[int, ...] | None = None,
+    max_text_length: int | None = None,
+) -> ModelFiles:
+    shapes = read_shapes([dit_path])
+    if is_diffusers_dit(set(shapes)):
+        raise ModelNotFoundError(
+            f"{dit_path} uses diffusers tensor names; pass the whole diffusers folder (with model_index.json)"
+        )
+    dit_cfg = DiTConfig.from_state_dict_shapes(shapes)
+    if preset is not None:
+        template = get_preset(preset)
+    else:
+        by_file = [p for p in PRESETS.values() if p.dit_file == dit_path.name]
+        template = by_file[0] if by_file else _behaviour("", True, dit_cfg.hidden_size)
+        if not by_file:
+            log.warning("%s: unknown file name, sampling as %s (pass a preset to change)", dit_path, template.name)
+    if vae is None:
+        guess = dit_path.parent / template.ae_file
+        if not guess.is_file():
+            raise ModelNotFoundError(f"no autoencoder given and no {guess}; pass --vae ae.safetensors or a vae/ folder")
+        vae = guess
+    if text_encoder is None:
+        raise ModelNotFoundError(
+            f"{dit_path} holds only the transformer; pass --text-encoder with a Qwen3 folder "
+            f"(e.g. the text_encoder/ + tokenizer/ of {template.repo_id})"
+        )
+    ae_files, ae_layout = _ae_parts(vae)
+    if ae_layout == "diffusers":
+        ae_cfg = AEConfig.from_diffusers(_read_json(ae_files[0].parent / "config.json"))
+    else:
+        ae_cfg = template.ae
+    text_files, text_cfg, tok = _text_encoder_parts(text_encoder)
+    text = _text_config(text_cfg, template, text_layers, max_text_length)
+    return ModelFiles(
+        preset=_with_configs(template, dit_cfg, ae_cfg, text),
+        dit_files=[dit_path],
+        dit_layout="bfl",
+        ae_files=ae_files,
+        ae_layout=ae_layout,
+        text_files=text_files,
+        text_config=text_cfg,
+        tokenizer_dir=tok,
+    )
+
+
+def snapshot(repo_id: str) -> Path:
+    """A repo's diffusers layout from the local Hugging Face cache, downloading only when it is not there."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=DIFFUSERS_PATTERNS, local_files_only=True))
+    except Exception as cached_error:  # noqa: BLE001 - any miss means: try the network
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise ModelNotFoundError(f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set") from None
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=DIFFUSERS_PATTERNS))
+        except Exception as e:  # noqa: BLE001
+            raise ModelNotFoundError(
+                f"{repo_id} is not in the local Hugging Face cache ({type(cached_error).__name__}) and could not be "
+                f"downloaded ({type(e).__name__}: {e}); download it where the hub is reachable, or pass a local path"
+            ) from None
+
+
+def locate(
+    model: str | Path,
+    vae: str | Path | None = None,
+    text_encoder: str | Path | None = None,
+    preset: str | None = None,
+    text_layers: tuple[int, ...] | None = None,
+    max_text_length: int | None = None,
+) -> ModelFiles:
+    """Resolve a model argument: a diffusers folder, a single .safetensors file, a preset name or a repo id."""
+    p = Path(model).expanduser()
+    vae_p = Path(vae).expanduser() if vae else None
+    te_p = Path(text_encoder).expanduser() if text_encoder else None
+    if p.is_dir():
+        if (p / "model_index.json").is_file():
+            return diffusers_files(p, text_layers, max_text_length)
+        singles = sorted(p.glob("flux-2-klein*.safetensors"))
+        if singles:
+            return single_file_files(singles[0], vae_p, te_p, preset, text_layers, max_text_length)
+        raise ModelNotFoundError(
+            f"{str(p)!r} holds no model: expected model_index.json (diffusers layout) or a flux-2-klein-*.safetensors"
+        )
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise ModelNotFoundError(f"{str(p)!r} is not a .safetensors file")
+        return single_file_files(p, vae_p, te_p, preset, text_layers, max_text_length)
+    text = str(model)
+    known = {q.name: q for q in PRESETS.values()}
+    if text.lower() in known or "/" in text and not text.startswith((".", "/", "~")):
+        repo = known[text.lower()].repo_id if text.lower() in known else text
+        return diffusers_files(snapshot(repo), text_layers, max_text_length)
+    raise ModelNotFoundError(
+        f"model {text!r} is not a folder, a file, a preset ({', '.join(PRESETS)}) or a Hugging Face repo id"
+    )
+
+
+def dit_state(files: ModelFiles) -> dict[str, Tensor]:
+    sd = read_tensors(files.dit_files)
+    return dit_from_diffusers(sd) if files.dit_layout == "diffusers" else sd
+
+
+def ae_state(files: ModelFiles) -> dict[str, Tensor]:
+    sd = read_tensors(files.ae_files)
+    return vae_from_diffusers(sd) if files.ae_layout == "diffusers" or is_diffusers_vae(set(sd)) else sd
+
+
+def _hf_text_key(k: str) -> str:
+    # A bare Qwen3Model checkpoint has no "model." prefix; Qwen3ForCausalLM has.
+    return k if k.startswith(("model.", "lm_head.")) else "model." + k
+
+
+def text_state(files: ModelFiles, wanted: Callable[[str], bool]) -> dict[str, Tensor]:
+    return read_tensors(files.text_files, wanted=wanted, rename=_hf_text_key)

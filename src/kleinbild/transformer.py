@@ -1,0 +1,334 @@
+"""The FLUX.2 flow transformer (DiT), with module names equal to the official single-file keys."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kleinbild.config import DiTConfig
+
+# A modulation triple: (shift, scale, gate), each (B, 1, H) or (B, S, H) when references carry their own.
+Mod = tuple[Tensor, Tensor, Tensor]
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, factor: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding of `t * factor` in [cos, sin] order, computed in float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (t.float() * factor)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_tables(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (..., S, head_dim/2) for integer position ids (..., S, n_axes).
+
+    Computed in float64 so that large position values stay exact before the cast.
+    """
+    cos, sin = [], []
+    pos = ids.to(torch.float64)
+    for i, d in enumerate(axes_dim):
+        omega = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d))
+        ang = pos[..., i : i + 1] * omega
+        cos.append(torch.cos(ang))
+        sin.append(torch.sin(ang))
+    return torch.cat(cos, dim=-1).float(), torch.cat(sin, dim=-1).float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent pairs of the head dim. x: (B, heads, S, D); cos/sin: (B|1, 1, S, D/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class QKNorm(nn.Module):
+    """RMSNorm of queries and keys over the head dim, in float32."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.scale.to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return split_qkv(self.qkv(x), self.num_heads, self.norm)
+
+
+def split_qkv(qkv: Tensor, num_heads: int, norm: QKNorm) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, S, 3*H) -> three (B, heads, S, head_dim), with q and k normalised."""
+    b, s, _ = qkv.shape
+    q, k, v = qkv.view(b, s, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    return norm.query_norm(q), norm.key_norm(k), v
+
+
+class GatedMLP(nn.Module):
+    """silu(a) * b between the two linears; children named 0 and 2 like the official keys."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.add_module("0", nn.Linear(dim, 2 * hidden, bias=False))
+        self.add_module("2", nn.Linear(hidden, dim, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._modules["2"](swiglu(self._modules["0"](x)))
+
+
+def swiglu(x: Tensor) -> Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return F.silu(a) * b
+
+
+class Modulation(nn.Module):
+    def __init__(self, dim: int, sets: int):
+        super().__init__()
+        self.sets = sets
+        self.lin = nn.Linear(dim, 3 * sets * dim, bias=False)
+
+    def forward(self, vec: Tensor) -> list[Mod]:
+        out = self.lin(F.silu(vec))[:, None, :].chunk(3 * self.sets, dim=-1)
+        return [tuple(out[3 * i : 3 * i + 3]) for i in range(self.sets)]  # type: ignore[misc]
+
+
+def modulate(x: Tensor, mod: Mod) -> Tensor:
+    shift, scale, _ = mod
+    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=1e-6) + shift
+
+
+@dataclass
+class KVCache:
+    """Per-block post-norm, post-RoPE keys and values of the reference tokens."""
+
+    double: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    single: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class _Ctx:
+    """What the attention of every block needs to know about the sequence layout."""
+
+    cos: Tensor
+    sin: Tensor
+    n_txt: int
+    n_ref: int = 0  # reference tokens present in this sequence, right after the text (KV extract)
+    cached: tuple[Tensor, Tensor] | None = None  # reference K/V to insert after the text (KV cached)
+    store: list[tuple[Tensor, Tensor]] | None = None  # where to put the extracted reference K/V
+
+
+def joint_attention(q: Tensor, k: Tensor, v: Tensor, ctx: _Ctx, kv_slot: int | None = None) -> Tensor:
+    """Attention over [text, (references), image] tokens; returns (B, S, heads*head_dim)."""
+    q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+    t, r = ctx.n_txt, ctx.n_ref
+    if ctx.cached is not None:
+        k_ref, v_ref = ctx.cached
+        k = torch.cat([k[:, :, :t], k_ref, k[:, :, t:]], dim=2)
+        v = torch.cat([v[:, :, :t], v_ref, v[:, :, t:]], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v)
+    elif r > 0:
+        if ctx.store is not None:
+            ctx.store.append((k[:, :, t : t + r], v[:, :, t : t + r]))
+        # References attend only to themselves; text and image tokens attend to everything.
+        q_ti = torch.cat([q[:, :, :t], q[:, :, t + r :]], dim=2)
+        o_ti = F.scaled_dot_product_attention(q_ti, k, v)
+        o_ref = F.scaled_dot_product_attention(q[:, :, t : t + r], k[:, :, t : t + r], v[:, :, t : t + r])
+        out = torch.cat([o_ti[:, :, :t], o_ref, o_ti[:, :, t:]], dim=2)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).flatten(2)
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.img_attn = SelfAttention(h, cfg.num_heads)
+        self.img_mlp = GatedMLP(h, cfg.mlp_hidden)
+        self.txt_attn = SelfAttention(h, cfg.num_heads)
+        self.txt_mlp = GatedMLP(h, cfg.mlp_hidden)
+
+    def forward(self, img: Tensor, txt: Tensor, mod_img: list[Mod], mod_txt: list[Mod], ctx: _Ctx) -> tuple[
+        Tensor, Tensor
+    ]:
+        iq, ik, iv = self.img_attn.qkv_heads(modulate(img, mod_img[0]))
+        tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, mod_txt[0]))
+        attn = joint_attention(
+            torch.cat([tq, iq], dim=2), torch.cat([tk, ik], dim=2), torch.cat([tv, iv], dim=2), ctx
+        )
+        t = txt.shape[1]
+        txt = txt + mod_txt[0][2] * self.txt_attn.proj(attn[:, :t])
+        img = img + mod_img[0][2] * self.img_attn.proj(attn[:, t:])
+        img = img + mod_img[1][2] * self.img_mlp(modulate(img, mod_img[1]))
+        txt = txt + mod_txt[1][2] * self.txt_mlp(modulate(txt, mod_txt[1]))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.mlp_hidden = cfg.mlp_hidden
+        self.linear1 = nn.Linear(h, 3 * h + 2 * cfg.mlp_hidden, bias=False)
+        self.linear2 = nn.Linear(h + cfg.mlp_hidden, h, bias=False)
+        self.norm = QKNorm(cfg.head_dim)
+
+    def forward(self, x: Tensor, mod: Mod, ctx: _Ctx) -> Tensor:
+        h = x.shape[-1]
+        qkv, mlp = self.linear1(modulate(x, mod)).split([3 * h, 2 * self.mlp_hidden], dim=-1)
+        q, k, v = split_qkv(qkv, self.num_heads, self.norm)
+        attn = joint_attention(q, k, v, ctx)
+        return x + mod[2] * self.linear2(torch.cat([attn, swiglu(mlp)], dim=-1))
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden, bias=False)
+        self.out_layer = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class LastLayer(nn.Module):
+    def __init__(self, hidden: int, out_channels: int):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden, bias=False))
+        self.linear = nn.Linear(hidden, out_channels, bias=False)
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
+        return self.linear((1 + scale) * F.layer_norm(x, x.shape[-1:], eps=1e-6) + shift)
+
+
+def _blend(ref: list[Mod], img: list[Mod], n_ref: int, n_img: int) -> list[Mod]:
+    """Per-token modulation for an image stream laid out as [references, image]."""
+    out = []
+    for r_set, i_set in zip(ref, img, strict=True):
+        out.append(
+            tuple(
+                torch.cat([r.expand(-1, n_ref, -1), i.expand(-1, n_img, -1)], dim=1)
+                for r, i in zip(r_set, i_set, strict=True)
+            )
+        )
+    return out  # type: ignore[return-value]
+
+
+class Flux2Transformer(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden_size
+        if sum(cfg.axes_dim) != cfg.head_dim:
+            raise ValueError(f"RoPE axes {cfg.axes_dim} must add up to the head dim {cfg.head_dim}")
+        self.img_in = nn.Linear(cfg.in_channels, h, bias=False)
+        self.time_in = MLPEmbedder(cfg.time_dim, h)
+        self.txt_in = nn.Linear(cfg.context_dim, h, bias=False)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single))
+        self.double_stream_modulation_img = Modulation(h, 2)
+        self.double_stream_modulation_txt = Modulation(h, 2)
+        self.single_stream_modulation = Modulation(h, 1)
+        self.final_layer = LastLayer(h, cfg.in_channels)
+
+    def _vec(self, timesteps: Tensor, dtype: torch.dtype) -> Tensor:
+        return self.time_in(timestep_embedding(timesteps, self.cfg.time_dim).to(dtype))
+
+    def _rope(self, ids: list[Tensor]) -> tuple[Tensor, Tensor]:
+        cos, sin = rope_tables(torch.cat(ids, dim=-2), self.cfg.axes_dim, self.cfg.theta)
+        if cos.ndim == 2:
+            cos, sin = cos[None], sin[None]
+        return cos[:, None], sin[:, None]
+
+    def forward(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        ref: Tensor | None = None,
+        ref_ids: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        extract_kv: bool = False,
+    ) -> Tensor | tuple[Tensor, KVCache]:
+        """Velocity for the image tokens.
+
+        img (B, N, C), txt (B, L, D), ids (B, *, 4) or (*, 4), timesteps (B,) in [0, 1].
+        - `ref` without `extract_kv`: reference tokens appended after the image tokens (the plain path);
+          the prediction for them is dropped.
+        - `ref` with `extract_kv=True` (KV models, step 0): references modulated at t=0 attend only to
+          themselves; returns (prediction, KVCache).
+        - `kv_cache` (KV models, later steps): no reference tokens; cached K/V joins the attention.
+        """
+        dtype = img.dtype
+        n_img, n_txt = img.shape[1], txt.shape[1]
+        vec = self._vec(timesteps, dtype)
+        mod_img = self.double_stream_modulation_img(vec)
+        mod_txt = self.double_stream_modulation_txt(vec)
+        (mod_single,) = self.single_stream_modulation(vec)
+        x = self.img_in(img)
+        txt_h = self.txt_in(txt)
+        store: KVCache | None = None
+        n_ref = 0
+        if ref is not None and ref_ids is None:
+            raise ValueError("reference tokens need their position ids")
+        if ref is not None and extract_kv:
+            n_ref = ref.shape[1]
+            store = KVCache()
+            ref_vec = self._vec(torch.zeros_like(timesteps), dtype)
+            mod_img = _blend(self.double_stream_modulation_img(ref_vec), mod_img, n_ref, n_img)
+            (ref_single,) = self.single_stream_modulation(ref_vec)
+            shared = n_txt
+            mod_single = tuple(
+                torch.cat([s.expand(-1, shared, -1), r.expand(-1, n_ref, -1), s.expand(-1, n_img, -1)], dim=1)
+                for s, r in zip(mod_single, ref_single, strict=True)
+            )  # type: ignore[assignment]
+            x = torch.cat([self.img_in(ref), x], dim=1)
+            cos, sin = self._rope([txt_ids, ref_ids, img_ids])
+        elif ref is not None:
+            x = torch.cat([x, self.img_in(ref)], dim=1)
+            cos, sin = self._rope([txt_ids, img_ids, ref_ids])
+        else:
+            cos, sin = self._rope([txt_ids, img_ids])
+
+        for i, block in enumerate(self.double_blocks):
+            ctx = _Ctx(cos, sin, n_txt, n_ref=n_ref, store=store.double if store else None)
+            if kv_cache is not None:
+                ctx.cached = kv_cache.double[i]
+            x, txt_h = block(x, txt_h, mod_img, mod_txt, ctx)
+        x = torch.cat([txt_h, x], dim=1)
+        for i, block in enumerate(self.single_blocks):
+            ctx = _Ctx(cos, sin, n_txt, n_ref=n_ref, store=store.single if store else None)
+            if kv_cache is not None:
+                ctx.cached = kv_cache.single[i]
+            x = block(x, mod_single, ctx)
+        x = x[:, n_txt + n_ref : n_txt + n_ref + n_img]
+        out = self.final_layer(x, vec)
+        if store is not None:
+            return out, store
+        return out

@@ -1,0 +1,8 @@
+"""Makes the shared helpers in tests/fixtures.py importable as `fixtures` whatever pytest's import mode."""
+
+import sys
+from pathlib import Path
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)

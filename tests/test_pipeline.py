@@ -1,0 +1,135 @@
+"""Whole generate() runs against diffusers' Flux2KleinPipeline / Flux2KleinKVPipeline, same noise, float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("diffusers")
+
+from tiny import MAX_TEXT, TEXT_LAYERS, reference_pipeline  # noqa: E402
+
+from kleinbild.pipeline import KleinPipeline  # noqa: E402
+from kleinbild.sampling import make_noise  # noqa: E402
+
+
+def ours(kind: str) -> KleinPipeline:
+    _, folder = reference_pipeline(kind)
+    return KleinPipeline.from_pretrained(
+        folder, device="cpu", dtype="float32", text_layers=TEXT_LAYERS, max_text_length=MAX_TEXT
+    )
+
+
+def ref_call(kind: str, **kw) -> list[Image.Image]:
+    pipe, _ = reference_pipeline(kind)
+    return pipe(text_encoder_out_layers=TEXT_LAYERS, max_sequence_length=MAX_TEXT, **kw).images
+
+
+def pixels_close(a: list[Image.Image], b: list[Image.Image]) -> int:
+    """Largest per-pixel difference, in 1/255 steps; asserts the images are not flat."""
+    assert len(a) == len(b)
+    worst = 0
+    for x, y in zip(a, b, strict=True):
+        ax, ay = np.asarray(x, dtype=np.int16), np.asarray(y, dtype=np.int16)
+        assert ax.shape == ay.shape
+        assert ax.std() > 5, "image is flat: the comparison would prove nothing"
+        worst = max(worst, int(np.abs(ax - ay).max()))
+    return worst
+
+
+def random_image(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR)
+
+
+def test_text_to_image_matches_diffusers():
+    pipe = ours("distilled")
+    noise = make_noise(2, 32, 24, 16, seed=7)
+    got = pipe.generate("a red circle on a blue background", width=64, height=96, steps=4, num_images=2, noise=noise)
+    expect = ref_call("distilled", prompt="a red circle on a blue background", height=96, width=64,
+                      num_inference_steps=4, num_images_per_prompt=2, latents=noise)
+    assert got.images[0].size == (64, 96)
+    assert pixels_close(got.images, expect) <= 1
+    assert got.settings["steps"] == 4 and got.settings["guidance"] is None
+
+
+def test_two_reference_edit_matches_diffusers():
+    pipe = ours("distilled")
+    refs = [random_image(80, 64, 1), random_image(66, 75, 2)]  # the second is cropped to 64x72
+    noise = make_noise(1, 32, 16, 20, seed=3)
+    got = pipe.generate("put the cat on the hill", refs, steps=4, noise=noise)
+    expect = ref_call("distilled", image=refs, prompt="put the cat on the hill", num_inference_steps=4, latents=noise)
+    assert got.images[0].size == (80, 64), "output takes the first reference's size"
+    assert got.settings["references"] == [[80, 64], [64, 72]]
+    assert pixels_close(got.images, expect) <= 1
+    plain = pipe.generate("put the cat on the hill", steps=4, noise=noise, width=80, height=64)
+    assert pixels_close(got.images, plain.images) > 3, "references must change the result"
+
+
+def test_base_model_cfg_matches_diffusers():
+    pipe = ours("base")
+    assert pipe.preset.uses_cfg
+    noise = make_noise(1, 32, 16, 16, seed=11)
+    got = pipe.generate("a green square", width=64, height=64, steps=5, guidance=3.5, noise=noise)
+    expect = ref_call("base", prompt="a green square", height=64, width=64, num_inference_steps=5,
+                      guidance_scale=3.5, latents=noise)
+    assert pixels_close(got.images, expect) <= 1
+    assert got.settings["guidance"] == 3.5 and got.settings["negative_prompt"] == ""
+
+
+def test_base_model_negative_prompt_matches_diffusers():
+    pipe = ours("base")
+    ref, _ = reference_pipeline("base")
+    noise = make_noise(1, 32, 16, 16, seed=12)
+    got = pipe.generate("a green square", width=64, height=64, steps=3, negative_prompt="blurry", noise=noise)
+    neg, _ = ref.encode_prompt("blurry", device="cpu", max_sequence_length=MAX_TEXT,
+                               text_encoder_out_layers=TEXT_LAYERS)
+    expect = ref_call("base", prompt="a green square", height=64, width=64, num_inference_steps=3,
+                      guidance_scale=4.0, latents=noise, negative_prompt_embeds=neg)
+    assert pixels_close(got.images, expect) <= 1
+    default = pipe.generate("a green square", width=64, height=64, steps=3, noise=noise)
+    assert pixels_close(got.images, default.images) > 3
+
+
+def test_kv_model_matches_diffusers():
+    pipe = ours("kv")
+    assert pipe.preset.kv_cache_refs and not pipe.preset.uses_cfg
+    refs = [random_image(64, 80, 5), random_image(72, 64, 6)]
+    noise = make_noise(1, 32, 16, 16, seed=5)
+    got = pipe.generate("swap the colours", refs, width=64, height=64, steps=4, noise=noise)
+    expect = ref_call("kv", image=refs, prompt="swap the colours", height=64, width=64, num_inference_steps=4,
+                      latents=noise)
+    assert pixels_close(got.images, expect) <= 1
+
+
+def test_seeded_noise_is_reproducible_and_device_independent():
+    pipe = ours("distilled")
+    a = pipe.generate("a dot", width=64, height=64, seed=42)
+    b = pipe.generate("a dot", width=64, height=64, seed=42, noise=None)
+    c = pipe.generate("a dot", width=64, height=64, noise=make_noise(1, 32, 16, 16, 42))
+    assert a.settings["seed"] == 42
+    assert pixels_close(a.images, b.images) == 0 and pixels_close(a.images, c.images) == 0
+    d = pipe.generate("a dot", width=64, height=64, seed=43)
+    assert pixels_close(a.images, d.images) > 3
+
+
+def test_progress_callback_sees_every_step():
+    pipe = ours("distilled")
+    seen = []
+    pipe.generate("a dot", width=64, height=64, steps=3, seed=1, callback=lambda i, n, x: seen.append((i, n, x.shape)))
+    assert [s[:2] for s in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert seen[0][2] == torch.Size([1, 32, 16, 16])
+
+
+def test_guidance_on_distilled_model_is_ignored_with_warning(caplog):
+    pipe = ours("distilled")
+    noise = make_noise(1, 32, 16, 16, seed=2)
+    with caplog.at_level("WARNING"):
+        got = pipe.generate("a dot", width=64, height=64, guidance=5.0, noise=noise)
+    assert "ignored" in caplog.text
+    plain = pipe.generate("a dot", width=64, height=64, noise=noise)
+    assert pixels_close(got.images, plain.images) == 0
+    assert got.settings["steps"] == 4

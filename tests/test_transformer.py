@@ -1,0 +1,132 @@
+"""DiT parity against diffusers' Flux2Transformer2DModel on small random configurations (float32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kleinbild.config import DiTConfig, dit_param_count
+from kleinbild.convert import dit_from_diffusers
+from kleinbild.sampling import image_ids, reference_ids, text_ids
+from kleinbild.transformer import Flux2Transformer
+
+diffusers = pytest.importorskip("diffusers")
+
+ATOL = 1e-5
+
+
+def _randomise(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim == 1:  # norm scales around one
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:  # unit gain, so every layer matters to the output
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+
+
+@pytest.fixture()
+def pair() -> tuple[torch.nn.Module, Flux2Transformer]:
+    torch.manual_seed(0)
+    ref = diffusers.Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=32,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=48,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    ).eval()
+    _randomise(ref, 1)
+    cfg = DiTConfig.from_diffusers(ref.config)
+    with torch.device("meta"):
+        ours = Flux2Transformer(cfg)
+    ours.load_state_dict(dit_from_diffusers(ref.state_dict()), strict=True, assign=True)
+    return ref, ours.eval()
+
+
+def _inputs(b: int = 2, h: int = 3, w: int = 4, n_txt: int = 7, refs: tuple[tuple[int, int], ...] = ()):
+    g = torch.Generator().manual_seed(3)
+    img = torch.randn(b, h * w, 32, generator=g)
+    txt = torch.randn(b, n_txt, 48, generator=g)
+    ref = [torch.randn(b, rh * rw, 32, generator=g) for rh, rw in refs]
+    ref_tok = torch.cat(ref, dim=1) if ref else None
+    ref_id = reference_ids([(rh, rw) for rh, rw in refs]) if refs else None
+    return img, image_ids(h, w), txt, text_ids(n_txt), ref_tok, ref_id
+
+
+@torch.no_grad()
+def test_plain_forward_matches(pair):
+    ref_model, ours = pair
+    img, iid, txt, tid, _, _ = _inputs()
+    t = torch.tensor([0.9, 0.3])
+    expect = ref_model(hidden_states=img, encoder_hidden_states=txt, timestep=t, img_ids=iid, txt_ids=tid,
+                       guidance=None, return_dict=False)[0]
+    got = ours(img, iid, txt, tid, t)
+    assert got.shape == expect.shape
+    torch.testing.assert_close(got, expect, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_forward_with_references_matches(pair):
+    ref_model, ours = pair
+    img, iid, txt, tid, rtok, rid = _inputs(refs=((2, 3), (4, 2)))
+    t = torch.tensor([0.7, 0.7])
+    expect = ref_model(hidden_states=torch.cat([img, rtok], 1), encoder_hidden_states=txt, timestep=t,
+                       img_ids=torch.cat([iid, rid]), txt_ids=tid, guidance=None, return_dict=False)[0]
+    got = ours(img, iid, txt, tid, t, ref=rtok, ref_ids=rid)
+    torch.testing.assert_close(got, expect[:, : img.shape[1]], atol=ATOL, rtol=0)
+    # References really condition the output.
+    assert (got - ours(img, iid, txt, tid, t)).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_kv_extract_and_cached_match(pair):
+    ref_model, ours = pair
+    img, iid, txt, tid, rtok, rid = _inputs(refs=((2, 3), (3, 3)))
+    from diffusers.models.transformers.transformer_flux2 import (
+        Flux2KVAttnProcessor,
+        Flux2KVParallelSelfAttnProcessor,
+    )
+
+    for block in ref_model.transformer_blocks:
+        block.attn.set_processor(Flux2KVAttnProcessor())
+    for block in ref_model.single_transformer_blocks:
+        block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+    t0 = torch.tensor([1.0, 1.0])
+    expect0, cache = ref_model(hidden_states=torch.cat([rtok, img], 1), encoder_hidden_states=txt, timestep=t0,
+                               img_ids=torch.cat([rid, iid]), txt_ids=tid, guidance=None, return_dict=False,
+                               kv_cache_mode="extract", num_ref_tokens=rtok.shape[1])
+    got0, ours_cache = ours(img, iid, txt, tid, t0, ref=rtok, ref_ids=rid, extract_kv=True)
+    torch.testing.assert_close(got0, expect0, atol=ATOL, rtol=0)
+    assert len(ours_cache.double) == 2 and len(ours_cache.single) == 2
+    t1 = torch.tensor([0.6, 0.6])
+    expect1 = ref_model(hidden_states=img, encoder_hidden_states=txt, timestep=t1, img_ids=iid, txt_ids=tid,
+                        guidance=None, return_dict=False, kv_cache=cache, kv_cache_mode="cached")[0]
+    got1 = ours(img, iid, txt, tid, t1, kv_cache=ours_cache)
+    torch.testing.assert_close(got1, expect1, atol=ATOL, rtol=0)
+    # The cached path differs from dropping the references: the cache is actually used.
+    assert (got1 - ours(img, iid, txt, tid, t1)).abs().max() > 1e-3
+
+
+def test_official_key_names_and_counts():
+    from pathlib import Path
+
+    for name, n_params in (("klein-4b", 3_875_544_576), ("klein-9b", 9_078_581_248)):
+        from kleinbild.config import get_preset
+
+        cfg = get_preset(name).dit
+        with torch.device("meta"):
+            model = Flux2Transformer(cfg)
+        keys = Path(__file__).parent / "data" / f"keys-bfl-{name}.txt"
+        expected = {}
+        for line in keys.read_text().splitlines():
+            k, shape = line.split(" ", 1)
+            expected[k] = [int(x) for x in shape.strip("[]").split(",")]
+        got = {k: list(v.shape) for k, v in model.state_dict().items()}
+        assert got == expected
+        assert sum(p.numel() for p in model.parameters()) == n_params == dit_param_count(cfg)
+        assert DiTConfig.from_state_dict_shapes({k: tuple(v) for k, v in expected.items()}) == cfg
