@@ -161,15 +161,11 @@ def _corpus(n: int = 400) -> list[str]:
     lines = []
     for i in range(n):
         w = {k: rng.choice(v) for k, v in _WORDS.items()}
-        lines.append(
-            f"A {w['adj']} {w['noun']} {w['verb']} {w['place']}, {w['style']}. It's scene {i}, isn't it?"
-        )
+        lines.append(f"A {w['adj']} {w['noun']} {w['verb']} {w['place']}, {w['style']}. It's scene {i}, isn't it?")
     return lines
 
 
-def make_tiny_tokenizer(
-    out_dir: Path, *, template_in_jinja_file: bool = False, padding_side: str = "right"
-) -> Path:
+def make_tiny_tokenizer(out_dir: Path, *, template_in_jinja_file: bool = False, padding_side: str = "right") -> Path:
     """Write a small byte-level BPE tokenizer in the layout of a Qwen3 checkpoint's tokenizer folder."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers.trainers import BpeTrainer

@@ -56,8 +56,9 @@ def test_encode_matches_transformers(pair, max_length: int) -> None:
     assert ids.shape == mask.shape == (len(PROMPTS), max_length)
     # One call per prompt, exactly as the reference pipeline tokenises.
     for row, prompt in enumerate(PROMPTS):
-        ref = hf(_hf_render(hf, prompt), return_tensors="pt", padding="max_length", truncation=True,
-                 max_length=max_length)
+        ref = hf(
+            _hf_render(hf, prompt), return_tensors="pt", padding="max_length", truncation=True, max_length=max_length
+        )
         assert ids[row].tolist() == ref["input_ids"][0].tolist(), prompt
         assert mask[row].tolist() == ref["attention_mask"][0].tolist(), prompt
     # The batch really exercises both padding and truncation, on the configured side.
@@ -70,8 +71,9 @@ def test_encode_matches_transformers(pair, max_length: int) -> None:
 
 def test_batched_transformers_call_agrees(pair) -> None:
     ours, hf = pair
-    ref = hf([_hf_render(hf, p) for p in PROMPTS], return_tensors="pt", padding="max_length", truncation=True,
-             max_length=40)
+    ref = hf(
+        [_hf_render(hf, p) for p in PROMPTS], return_tensors="pt", padding="max_length", truncation=True, max_length=40
+    )
     ids, mask = ours.encode(PROMPTS, 40)
     assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
 
@@ -106,7 +108,7 @@ def test_template_sees_special_tokens_and_helpers(tmp_path: Path) -> None:
     (path / "chat_template.jinja").write_text(template)
     ours = PromptTokenizer.from_dir(path)
     hf = transformers.AutoTokenizer.from_pretrained(path)
-    for prompt in ("<b>&\"quoted\"</b> ✓", ""):
+    for prompt in ('<b>&"quoted"</b> ✓', ""):
         assert ours.render(prompt) == _hf_render(hf, prompt)
 
 

@@ -23,7 +23,7 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
 
 
-def build_components(seed: int = 0):
+def build_components(seed: int = 0, text_layers: int = 4):
     import transformers
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
     from fixtures import make_tiny_tokenizer, tiny_qwen3_config
@@ -31,16 +31,15 @@ def build_components(seed: int = 0):
     tok_dir = make_tiny_tokenizer(Path(_tmp()) / f"tok{seed}")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
     hidden = 32
-    te_cfg = tiny_qwen3_config(len(tokenizer), num_layers=4, hidden=hidden)
+    te_cfg = tiny_qwen3_config(len(tokenizer), num_layers=text_layers, hidden=hidden)
     text_encoder = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**te_cfg)).eval()
     randomise(text_encoder, seed + 1)
     vae = AutoencoderKLFlux2(
-        block_out_channels=(16, 32),
+        block_out_channels=(32, 64),
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
         layers_per_block=1,
         latent_channels=8,
-        norm_num_groups=8,
     ).eval()
     randomise(vae, seed + 2)
     with torch.no_grad():
@@ -71,16 +70,20 @@ def _tmp() -> str:
 
 
 @functools.cache
-def reference_pipeline(kind: str):
-    """kind: distilled | base | kv. Returns (diffusers pipeline, saved folder)."""
+def reference_pipeline(kind: str, deep_text: bool = False):
+    """kind: distilled | base | kv. Returns (diffusers pipeline, saved folder).
+
+    `deep_text` gives the text encoder 28 layers, so the default taps (9, 18, 27) and 512 tokens apply
+    and the folder loads with no overrides, as a real checkpoint does.
+    """
     from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
 
-    parts = build_components()
+    parts = build_components(text_layers=28 if deep_text else 4)
     if kind == "kv":
         pipe = Flux2KleinKVPipeline(**parts)
     else:
         pipe = Flux2KleinPipeline(**parts, is_distilled=(kind == "distilled"))
     pipe.set_progress_bar_config(disable=True)
-    folder = Path(_tmp()) / f"pipe-{kind}"
+    folder = Path(_tmp()) / f"pipe-{kind}{'-deep' if deep_text else ''}"
     pipe.save_pretrained(folder)
     return pipe, folder

@@ -126,6 +126,33 @@ class AEConfig:
         )
 
 
+    @classmethod
+    def from_state_dict_shapes(cls, shapes: Mapping[str, tuple[int, ...]], norm_groups: int = 32) -> AEConfig:
+        """Infer an official `ae.safetensors` layout from its shapes (GroupNorm groups cannot be seen: 32)."""
+        try:
+            ch, in_channels = shapes["encoder.conv_in.weight"][:2]
+            out_channels = shapes["decoder.conv_out.weight"][0]
+            z = shapes["decoder.post_quant_conv.weight"][0]
+            bn = shapes["bn.running_mean"][0]
+        except KeyError as e:
+            raise ValueError(
+                f"not a FLUX.2 autoencoder in the official layout: tensor {e.args[0]!r} is missing"
+            ) from None
+        levels = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down."))
+        mult = tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels))
+        blocks = 1 + max(int(k.split(".")[4]) for k in shapes if k.startswith("encoder.down.0.block."))
+        return cls(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            ch=ch,
+            ch_mult=mult,
+            num_res_blocks=blocks,
+            z_channels=z,
+            norm_groups=norm_groups,
+            patch=round((bn / z) ** 0.5),
+        )
+
+
 @dataclass(frozen=True)
 class TextEncoderConfig:
     """A Qwen3 decoder, run only up to the deepest tapped layer."""

@@ -242,7 +242,7 @@ def single_file_files(
     if ae_layout == "diffusers":
         ae_cfg = AEConfig.from_diffusers(_read_json(ae_files[0].parent / "config.json"))
     else:
-        ae_cfg = template.ae
+        ae_cfg = AEConfig.from_state_dict_shapes(read_shapes(ae_files), template.ae.norm_groups)
     text_files, text_cfg, tok = _text_encoder_parts(text_encoder)
     text = _text_config(text_cfg, template, text_layers, max_text_length)
     return ModelFiles(
@@ -261,13 +261,16 @@ def snapshot(repo_id: str) -> Path:
     """A repo's diffusers layout from the local Hugging Face cache, downloading only when it is not there."""
     from huggingface_hub import snapshot_download
 
+    cache = os.environ.get("HF_HUB_CACHE") or None  # read per call: the library reads it once, at import
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=DIFFUSERS_PATTERNS, local_files_only=True))
+        return Path(
+            snapshot_download(repo_id, allow_patterns=DIFFUSERS_PATTERNS, local_files_only=True, cache_dir=cache)
+        )
     except Exception as cached_error:  # noqa: BLE001 - any miss means: try the network
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
             raise ModelNotFoundError(f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set") from None
         try:
-            return Path(snapshot_download(repo_id, allow_patterns=DIFFUSERS_PATTERNS))
+            return Path(snapshot_download(repo_id, allow_patterns=DIFFUSERS_PATTERNS, cache_dir=cache))
         except Exception as e:  # noqa: BLE001
             raise ModelNotFoundError(
                 f"{repo_id} is not in the local Hugging Face cache ({type(cached_error).__name__}) and could not be "
@@ -302,7 +305,7 @@ def locate(
         return single_file_files(p, vae_p, te_p, preset, text_layers, max_text_length)
     text = str(model)
     known = {q.name: q for q in PRESETS.values()}
-    if text.lower() in known or "/" in text and not text.startswith((".", "/", "~")):
+    if text.lower() in known or ("/" in text and not text.startswith((".", "/", "~"))):
         repo = known[text.lower()].repo_id if text.lower() in known else text
         return diffusers_files(snapshot(repo), text_layers, max_text_length)
     raise ModelNotFoundError(

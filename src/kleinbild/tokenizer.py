@@ -12,9 +12,12 @@ import json
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 __all__ = ["PromptTokenizer"]
 
@@ -95,8 +98,9 @@ def _compile_chat_template(source: str) -> Any:
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     def strftime_now(fmt: str) -> str:
@@ -118,7 +122,7 @@ class PromptTokenizer:
 
     def __init__(
         self,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         chat_template: str,
         *,
         pad_token: str,
@@ -248,7 +252,10 @@ class PromptTokenizer:
         tok = self._tokenizer
         tok.enable_truncation(max_length, stride=0, strategy="longest_first", direction=self.truncation_side)
         tok.enable_padding(
-            direction=self.padding_side, pad_id=self.pad_token_id, pad_type_id=0, pad_token=self.pad_token,
+            direction=self.padding_side,
+            pad_id=self.pad_token_id,
+            pad_type_id=0,
+            pad_token=self.pad_token,
             length=max_length,
         )
         encodings = tok.encode_batch(texts, add_special_tokens=True)

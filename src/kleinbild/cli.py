@@ -1,0 +1,168 @@
+"""Command line: a thin shell over the engine (argv and files here, nothing else)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from kleinbild import __version__
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kleinbild", description="Run the FLUX.2 [klein] image models.")
+    parser.add_argument("--version", action="version", version=f"kleinbild {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text-to-image, edit (--image) or multi-reference (--image ... --image ...)")
+    g.add_argument("prompt")
+    g.add_argument(
+        "--model",
+        "-m",
+        default=os.environ.get("KLEINBILD_MODEL"),
+        help="diffusers folder, official .safetensors file, preset name or Hugging Face repo id "
+        "(default: $KLEINBILD_MODEL)",
+    )
+    g.add_argument("--vae", help="autoencoder for a single-file model: ae.safetensors or a diffusers vae/ folder")
+    g.add_argument("--text-encoder", help="for a single-file model: a Qwen3 folder, or a diffusers folder")
+    g.add_argument("--preset", help="sampling behaviour for a single file with an unofficial name (e.g. klein-base-4b)")
+    g.add_argument("--image", "-i", action="append", default=[], help="reference image (repeat for several)")
+    g.add_argument("--width", "-W", type=_positive_int)
+    g.add_argument("--height", "-H", type=_positive_int)
+    g.add_argument("--steps", "-s", type=_positive_int)
+    g.add_argument("--guidance", "-g", type=float, help="CFG scale (base models only)")
+    g.add_argument("--negative-prompt", help="negative prompt (base models only; default empty)")
+    g.add_argument("--seed", type=_seed, help="random seed (default: a random one, printed)")
+    g.add_argument("-n", "--num-images", type=_positive_int, default=1)
+    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    g.add_argument("--out", "-o", default="out.png", help="output PNG; with -n > 1 files are NAME-0.png, NAME-1.png")
+    g.add_argument("--json", action="store_true", help="print the settings used as JSON on stdout")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    return parser
+
+
+def _progress(quiet: bool):
+    start = time.perf_counter()
+
+    def show(step: int, total: int, _latent) -> None:
+        if quiet:
+            return
+        bar = "#" * int(20 * step / total)
+        sys.stderr.write(f"\rstep {step}/{total} [{bar:<20}] {time.perf_counter() - start:5.1f}s")
+        if step == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def output_paths(out: str, n: int) -> list[Path]:
+    p = Path(out)
+    if p.suffix.lower() != ".png":
+        p = p.with_suffix(p.suffix + ".png") if p.suffix else p.with_suffix(".png")
+    if n == 1:
+        return [p]
+    return [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
+
+
+def save_png(image, path: Path, settings: dict, index: int) -> None:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    meta = {k: settings.get(k) for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height")}
+    meta.update(model=settings.get("source") or settings.get("model"), index=index, software=f"kleinbild {__version__}")
+    for k, v in meta.items():
+        if v is not None:
+            info.add_text(k, str(v))
+    info.add_text("kleinbild", json.dumps(meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kleinbild.pipeline import KleinPipeline
+
+    if not args.model:
+        raise ValueError("no model given: pass --model (a folder, a .safetensors file, a preset or a repo id)")
+    paths = output_paths(args.out, args.num_images)
+    t0 = time.perf_counter()
+    pipe = KleinPipeline.from_pretrained(
+        args.model,
+        vae=args.vae,
+        text_encoder=args.text_encoder,
+        preset=args.preset,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    if not args.quiet:
+        sys.stderr.write(f"loaded {pipe.preset.name} on {pipe.device} ({time.perf_counter() - t0:.1f}s)\n")
+    result = pipe.generate(
+        args.prompt,
+        args.image or None,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        guidance=args.guidance,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        num_images=args.num_images,
+        callback=_progress(args.quiet),
+    )
+    for note in result.settings["notes"]:
+        sys.stderr.write(f"note: {note}\n")
+    for i, (img, path) in enumerate(zip(result.images, paths, strict=True)):
+        save_png(img, path, result.settings, i)
+        print(path)
+    if args.json:
+        print(json.dumps(result.settings))
+    elif not args.quiet:
+        s = result.settings
+        sys.stderr.write(f"seed {s['seed']}, {s['width']}x{s['height']}, {s['steps']} steps, {s['seconds']:.2f}s\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+    except (ValueError, OSError) as e:
+        # Our errors name the bad value and the fix; a traceback would only hide that.
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

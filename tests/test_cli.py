@@ -1,0 +1,88 @@
+"""The command line: files, numbering, PNG metadata, progress on stderr, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("diffusers")
+
+from tiny import reference_pipeline  # noqa: E402
+
+from kleinbild.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    # 28 text layers: the default taps and prompt length apply, as for a real checkpoint.
+    return str(reference_pipeline("distilled", deep_text=True)[1])
+
+
+def test_generate_writes_png_with_metadata(model_dir, tmp_path, capsys):
+    out = tmp_path / "pic.png"
+    rc = main(["generate", "a red circle", "--model", model_dir, "--width", "66", "--height", "64", "--seed", "5",
+               "--dtype", "float32", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    cap = capsys.readouterr()
+    assert cap.out.strip() == str(out)
+    assert "step 4/4" in cap.err and "rounded down to 64x64" in cap.err
+    img = Image.open(out)
+    assert img.size == (64, 64)
+    assert img.text["prompt"] == "a red circle" and img.text["seed"] == "5" and img.text["steps"] == "4"
+    assert img.text["width"] == "64" and img.text["model"] == model_dir
+    assert json.loads(img.text["kleinbild"])["seed"] == 5
+
+
+def test_numbered_outputs_and_edit(model_dir, tmp_path, capsys):
+    src = tmp_path / "src.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(src)
+    rc = main(["generate", "make it blue", "-m", model_dir, "--image", str(src), "-n", "2", "--seed", "1",
+               "--dtype", "float32", "--out", str(tmp_path / "edit.png"), "--json"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[:2] == [str(tmp_path / "edit-0.png"), str(tmp_path / "edit-1.png")]
+    settings = json.loads(lines[2])
+    assert settings["references"] == [[80, 64]] and settings["num_images"] == 2
+    a, b = (np.asarray(Image.open(tmp_path / f"edit-{i}.png"), np.int16) for i in range(2))
+    assert a.shape == (64, 80, 3) and np.abs(a - b).max() > 3, "two images from one batch differ"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--width", "32", "--height", "64"], "too small"),
+        (["--width", "4096", "--height", "2048"], "megapixels"),
+        (["--image", "/no/such.png"], "does not exist"),
+        (["--device", "tpu"], "unknown device"),
+    ],
+)
+def test_bad_input_is_a_clear_error(model_dir, tmp_path, capsys, args, message):
+    rc = main(["generate", "x", "-m", model_dir, "--dtype", "float32", "-o", str(tmp_path / "x.png"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_unreadable_and_tiny_reference_images(model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert main(["generate", "x", "-m", model_dir, "--image", str(bad)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    small = tmp_path / "small.png"
+    Image.new("RGB", (40, 100)).save(small)
+    assert main(["generate", "x", "-m", model_dir, "--image", str(small)]) == 2
+    assert "at least 64 px" in capsys.readouterr().err
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (900, 100)).save(wide)
+    assert main(["generate", "x", "-m", model_dir, "--image", str(wide)]) == 2
+    assert "aspect" in capsys.readouterr().err
+
+
+def test_missing_model_and_unknown_preset(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("KLEINBILD_MODEL", raising=False)
+    assert main(["generate", "x", "-m", str(tmp_path)]) == 2
+    assert "holds no model" in capsys.readouterr().err
+    assert main(["generate", "x", "-m", "klein-7b"]) == 2
+    assert "klein-4b" in capsys.readouterr().err
