@@ -133,3 +133,22 @@ def test_guidance_on_distilled_model_is_ignored_with_warning(caplog):
     plain = pipe.generate("a dot", width=64, height=64, noise=noise)
     assert pixels_close(got.images, plain.images) == 0
     assert got.settings["steps"] == 4
+
+
+def test_bfloat16_default_runs_close_to_float32():
+    _, folder = reference_pipeline("distilled")
+    fast = KleinPipeline.from_pretrained(folder, device="cpu", text_layers=TEXT_LAYERS, max_text_length=MAX_TEXT)
+    assert fast.dtype == torch.bfloat16 and next(fast.transformer.parameters()).dtype == torch.bfloat16
+    noise = make_noise(1, 32, 16, 16, seed=4)
+    a = np.asarray(fast.generate("a dot", width=64, height=64, noise=noise).images[0], np.float32)
+    b = np.asarray(ours("distilled").generate("a dot", width=64, height=64, noise=noise).images[0], np.float32)
+    assert np.abs(a - b).mean() < 3  # measured 0.7: bf16 rounding, not a different image
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+
+
+def test_import_does_no_work():
+    import subprocess
+    import sys
+
+    code = "import sys, kleinbild, kleinbild.cli; assert 'torch' not in sys.modules, 'torch imported at import time'"
+    subprocess.run([sys.executable, "-c", code], check=True)
