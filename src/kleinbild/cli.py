@@ -40,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model",
         "-m",
-        default=os.environ.get("KLEINBILD_MODEL"),
+        default=os.environ.get("KLEINBILD_MODEL", "nano"),
         help="diffusers folder, official .safetensors file, preset name or Hugging Face repo id "
-        "(default: $KLEINBILD_MODEL)",
+        "(default: $KLEINBILD_MODEL, else the bundled nano model)",
     )
     g.add_argument("--vae", help="autoencoder for a single-file model: ae.safetensors or a diffusers vae/ folder")
     g.add_argument("--text-encoder", help="for a single-file model: a Qwen3 folder, or a diffusers folder")
@@ -60,6 +60,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", "-o", default="out.png", help="output PNG; with -n > 1 files are NAME-0.png, NAME-1.png")
     g.add_argument("--json", action="store_true", help="print the settings used as JSON on stdout")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+    sub.add_parser("models", help="list the presets and where each is available locally")
+
+    t = sub.add_parser("train", help="train the nano models on the shapes world (CPU-friendly, resumable)")
+    t.add_argument("stage", choices=["tokenizer", "ae", "base", "distill", "bundle", "all"])
+    t.add_argument("--run", default="runs/nano", help="run folder: checkpoints and outputs (default: runs/nano)")
+    t.add_argument("--steps", type=_positive_int, help="training steps of the stage (default: the recipe's)")
+    t.add_argument("--batch", type=_positive_int, help="batch size (default: the recipe's)")
+    t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument("--chunks", type=_positive_int, help="distill: teacher trajectory batches to record")
+    t.add_argument("--bundle-to", help="bundle: destination folder (default: the package's weights/nano)")
+
+    e = sub.add_parser("eval", help="score a model with the shapes-world analyser on held-out prompts")
+    e.add_argument("--model", "-m", default="nano")
+    e.add_argument("--n", type=_positive_int, default=50, help="examples per task")
+    e.add_argument("--tasks", default="single,double,edit,compose,held_out")
+    e.add_argument("--steps", type=_positive_int)
+    e.add_argument("--seed", type=_seed, default=0)
+    e.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    e.add_argument("--device")
+    e.add_argument("--grid", help="write a PNG grid of prompts and outputs here")
+    e.add_argument("--json", action="store_true")
     return parser
 
 
@@ -143,6 +165,66 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models() -> int:
+    from kleinbild.config import PRESETS
+    from kleinbild.loading import where_is
+
+    print(f"{'preset':<15} {'steps':>5} {'cfg':>4}  {'available':<9} path / repo")
+    for p in PRESETS.values():
+        path = where_is(p)
+        print(f"{p.name:<15} {p.default_steps:>5} {'yes' if p.uses_cfg else 'no':>4}  {'yes' if path else 'no':<9} "
+              f"{path or p.repo_id}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from kleinbild import train
+    from kleinbild.config import get_preset
+
+    run = Path(args.run)
+    base = get_preset("nano-base")
+
+    def with_overrides(cfg):
+        over = {k: v for k, v in (("steps", args.steps), ("batch", args.batch), ("chunks", args.chunks)) if v}
+        over = {k: v for k, v in over.items() if k in {f.name for f in dataclasses.fields(cfg)}}
+        return dataclasses.replace(cfg, seed=args.seed, **over)
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+
+    stages = ["tokenizer", "ae", "base", "distill", "bundle"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        if stage == "tokenizer":
+            train.train_tokenizer(run / "tokenizer", seed=args.seed, say=say)
+        elif stage == "ae":
+            train.train_autoencoder(run, base, with_overrides(train.AEArgs()), say=say)
+        elif stage == "base":
+            train.train_base(run, base, with_overrides(train.FlowArgs()), say=say)
+        elif stage == "distill":
+            train.train_distill(run, base, with_overrides(train.DistillArgs()), say=say)
+        elif stage == "bundle":
+            train.export_bundle(run, Path(args.bundle_to) if args.bundle_to else None, say=say)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kleinbild.evaluate import evaluate, format_table, save_grid
+    from kleinbild.pipeline import KleinPipeline
+
+    pipe = KleinPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    report = evaluate(pipe, tasks, n=args.n, seed=args.seed, steps=args.steps)
+    print(format_table(report))
+    if args.grid:
+        save_grid(report, Path(args.grid))
+        print(f"grid: {args.grid}")
+    if args.json:
+        print(json.dumps(report.summary()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -150,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "models":
+            return cmd_models()
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "eval":
+            return cmd_eval(args)
     except (ValueError, OSError) as e:
         # Our errors name the bad value and the fix; a traceback would only hide that.
         sys.stderr.write(f"error: {e}\n")

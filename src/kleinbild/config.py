@@ -228,6 +228,8 @@ class ModelPreset:
     max_ref_pixels_multi: int = 1024**2
     default_size: int = 1024
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    bundled: bool = False  # weights ship inside the package (kleinbild/weights/<bundle>/)
+    bundle: str = ""
 
 
 _DIT_4B = DiTConfig()
@@ -235,6 +237,35 @@ _DIT_9B = DiTConfig(hidden_size=4096, num_heads=32, depth=8, depth_single=24, co
 _QWEN3_4B = TextEncoderConfig()
 _QWEN3_8B = TextEncoderConfig(hidden_size=4096, intermediate_size=12288)
 _AE = AEConfig()
+
+# The nano family: the same architectures at small widths, trained in this project on the shapes world.
+NANO_DIT = DiTConfig(
+    hidden_size=192, num_heads=3, depth=3, depth_single=4, in_channels=32, context_dim=384, axes_dim=(16, 16, 16, 16)
+)
+NANO_AE = AEConfig(ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=1, z_channels=8, norm_groups=8)
+NANO_TEXT = TextEncoderConfig(
+    vocab_size=547,  # the BPE trained on the shapes-world prompts (kleinbild train tokenizer)
+    hidden_size=128,
+    num_layers=8,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    intermediate_size=384,
+    out_layers=(2, 4, 6),
+    max_length=64,
+)
+_NANO = dict(
+    dit=NANO_DIT,
+    ae=NANO_AE,
+    text=NANO_TEXT,
+    kv_cache_refs=False,
+    repo_id="",
+    default_size=128,
+    max_ref_pixels_single=256**2,
+    max_ref_pixels_multi=256**2,
+    bundled=True,
+    bundle="nano",
+)
 
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
@@ -306,6 +337,24 @@ PRESETS: dict[str, ModelPreset] = {
             dit_file="flux-2-klein-9b-kv.safetensors",
             license="flux-non-commercial",
             description="9B distilled, reference tokens K/V-cached after step 0",
+        ),
+        ModelPreset(
+            name="nano",
+            default_steps=4,
+            default_guidance=1.0,
+            uses_cfg=False,
+            dit_file="flux-2-nano.safetensors",
+            description="shipped in the package: shapes world, 128 px, distilled to 4 steps",
+            **_NANO,
+        ),
+        ModelPreset(
+            name="nano-base",
+            default_steps=50,
+            default_guidance=4.0,
+            uses_cfg=True,
+            dit_file="flux-2-nano-base.safetensors",
+            description="shipped in the package: shapes world, 128 px, undistilled, CFG",
+            **_NANO,
         ),
     )
 }

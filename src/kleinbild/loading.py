@@ -305,12 +305,45 @@ def locate(
         return single_file_files(p, vae_p, te_p, preset, text_layers, max_text_length)
     text = str(model)
     known = {q.name: q for q in PRESETS.values()}
+    if text.lower() in known and known[text.lower()].bundled:
+        p = known[text.lower()]
+        folder = bundled_dir(p)
+        if not (folder / p.dit_file).is_file():
+            raise ModelNotFoundError(
+                f"the bundled {p.name} weights are not in this install ({folder / p.dit_file}); "
+                "reinstall kleinbild, or train them with `kleinbild train all`"
+            )
+        return single_file_files(
+            folder / p.dit_file, folder / p.ae_file, folder / "text_encoder", p.name, text_layers, max_text_length
+        )
     if text.lower() in known or ("/" in text and not text.startswith((".", "/", "~"))):
         repo = known[text.lower()].repo_id if text.lower() in known else text
         return diffusers_files(snapshot(repo), text_layers, max_text_length)
     raise ModelNotFoundError(
         f"model {text!r} is not a folder, a file, a preset ({', '.join(PRESETS)}) or a Hugging Face repo id"
     )
+
+
+def bundled_dir(preset: ModelPreset) -> Path:
+    return Path(__file__).resolve().parent / "weights" / preset.bundle
+
+
+def where_is(preset: ModelPreset) -> Path | None:
+    """Where a preset's weights are on this machine (package bundle or HF cache), without any download."""
+    if preset.bundled:
+        folder = bundled_dir(preset)
+        return folder if (folder / preset.dit_file).is_file() else None
+    from huggingface_hub import snapshot_download
+
+    try:
+        cache = os.environ.get("HF_HUB_CACHE") or None
+        return Path(
+            snapshot_download(
+                preset.repo_id, allow_patterns=DIFFUSERS_PATTERNS, local_files_only=True, cache_dir=cache
+            )
+        )
+    except Exception:  # noqa: BLE001 - not cached is the only thing this can mean here
+        return None
 
 
 def dit_state(files: ModelFiles) -> dict[str, Tensor]:

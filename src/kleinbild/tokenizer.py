@@ -144,6 +144,12 @@ class PromptTokenizer:
         self.truncation_side = truncation_side
         self._template_variables = dict(template_variables or {})
         self._compiled: Any = None
+        self.source_dir: Path | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids in use, added tokens included (the text encoder's embedding needs at least this many rows)."""
+        return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
 
     @classmethod
     def from_dir(cls, path: str | Path) -> PromptTokenizer:
@@ -220,7 +226,7 @@ class PromptTokenizer:
                 )
         if named["pad_token"] is None:
             raise ValueError(f"{folder / 'tokenizer_config.json'} defines no pad_token; prompts cannot be padded")
-        return cls(
+        out = cls(
             tok,
             template,
             pad_token=named["pad_token"],
@@ -228,6 +234,8 @@ class PromptTokenizer:
             truncation_side=config.get("truncation_side", "right"),
             template_variables=variables,
         )
+        out.source_dir = folder
+        return out
 
     def render(self, prompt: str) -> str:
         """The prompt as a single user turn, with the generation prompt and thinking switched off."""

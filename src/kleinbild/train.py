@@ -1,0 +1,596 @@
+"""Training the nano models on the shapes world: tokenizer, autoencoder, base (flow matching), distillation.
+
+Every stage is reproducible from a seed (the data of step k depends only on seed and k), resumable from its
+last checkpoint, and sized for a 2-core CPU. Checkpoints are written atomically, so an interrupted run
+loses at most the steps since the last save.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from kleinbild import sampling, shapes
+from kleinbild.autoencoder import AutoEncoder
+from kleinbild.config import ModelPreset, get_preset
+from kleinbild.images import to_tensor
+from kleinbild.text_encoder import Qwen3TextEncoder
+from kleinbild.tokenizer import PromptTokenizer, train_qwen_style_tokenizer
+from kleinbild.transformer import Flux2Transformer
+
+log = logging.getLogger(__name__)
+
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_safetensors(tensors: dict[str, Tensor], path: Path, dtype: torch.dtype | None = None) -> None:
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach().cpu()
+        if dtype is not None and v.is_floating_point() and not k.startswith("bn."):
+            v = v.to(dtype)
+        out[k] = v.contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(out, str(tmp))
+    os.replace(tmp, path)
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (what gets shipped)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))  # warm up so early weights do not linger
+        for s, p in zip(self.shadow.parameters(), module.parameters(), strict=True):
+            s.lerp_(p.detach(), 1 - d)
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the base rate."""
+    return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step, total) / total)))
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def corpus(n: int, seed: int) -> list[str]:
+    """Prompts of every kind the models will see (captions, edit instructions, composition requests)."""
+    rng = random.Random(seed)
+    return [shapes.sample_example(rng).prompt for _ in range(n)]
+
+
+def train_tokenizer(
+    out_dir: Path, seed: int = 0, vocab_size: int = 1024, n_texts: int = 20000, say: Log = print
+) -> PromptTokenizer:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    texts = corpus(n_texts, seed)
+    train_qwen_style_tokenizer(texts, out_dir, vocab_size=vocab_size)
+    tok = PromptTokenizer.from_dir(out_dir)
+    longest = max(int(tok.encode([t], 256)[1].sum()) for t in texts[:2000])
+    say(f"tokenizer: {tok.vocab_size} tokens, longest prompt {longest} tokens (with the chat template)")
+    return tok
+
+
+# ---------------------------------------------------------------- data
+
+
+def render_batch(scenes: Sequence[shapes.Scene], size: int) -> Tensor:
+    return torch.cat([to_tensor(shapes.render(s, size)) for s in scenes])
+
+
+@dataclass
+class Batch:
+    kind: str
+    prompts: list[str]
+    targets: list[shapes.Scene]
+    sources: list[tuple[shapes.Scene, ...]]
+
+
+def sample_batch(rng: random.Random, size: int, mix: tuple[float, float, float]) -> Batch:
+    """One kind per batch, so reference counts (and sequence lengths) agree within it."""
+    kind = rng.choices(["t2i", "edit", "compose"], weights=mix)[0]
+    draw = {"t2i": shapes.sample_t2i, "edit": shapes.sample_edit, "compose": shapes.sample_compose}[kind]
+    exs = [draw(rng) for _ in range(size)]
+    return Batch(kind, [e.prompt for e in exs], [e.target for e in exs], [e.sources for e in exs])
+
+
+class LatentCache:
+    """Latents of rendered scenes, keyed by scene: single objects and reference images repeat a lot."""
+
+    def __init__(self, ae: AutoEncoder, size: int, capacity: int = 200_000):
+        self.ae, self.size, self.capacity = ae, size, capacity
+        self.store: dict[shapes.Scene, Tensor] = {}
+        self.hits = self.misses = 0
+
+    def __call__(self, scenes: Sequence[shapes.Scene]) -> Tensor:
+        todo = list(dict.fromkeys(s for s in scenes if s not in self.store))
+        self.misses += len(todo)
+        self.hits += len(scenes) - len(todo)
+        if todo:
+            with torch.no_grad():
+                z = self.ae.encode(render_batch(todo, self.size))
+            if len(self.store) + len(todo) > self.capacity:
+                self.store.clear()
+            self.store.update(zip(todo, z, strict=True))
+        return torch.stack([self.store[s] for s in scenes])
+
+
+def sample_t(n: int, g: torch.Generator, shift: float) -> Tensor:
+    """Logit-normal times, shifted towards noise like the inference schedule for small images."""
+    u = torch.sigmoid(torch.randn(n, generator=g))
+    return shift * u / (1 + (shift - 1) * u)
+
+
+# ---------------------------------------------------------------- stage: autoencoder
+
+
+@dataclass
+class AEArgs:
+    steps: int = 1500
+    batch: int = 12
+    lr: float = 1e-3
+    size: int = 128
+    crop: int = 64  # train on crops of full-size renders: same object scale, a quarter of the compute
+    seed: int = 0
+    save_every: int = 250
+
+
+def train_autoencoder(run: Path, preset: ModelPreset, args: AEArgs, say: Log = print) -> AutoEncoder:
+    out = run / "ae"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    ae = AutoEncoder(preset.ae)
+    opt = torch.optim.AdamW(ae.parameters(), lr=args.lr, weight_decay=0.0)
+    step = 0
+    ck = out / "ckpt.pt"
+    if ck.is_file():
+        state = torch.load(ck, weights_only=True)
+        ae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        say(f"ae: resumed at step {step}")
+    ae.train()
+    t0, losses = time.perf_counter(), []
+    while step < args.steps:
+        rng = random.Random(args.seed * 1_000_003 + step)
+        x = render_batch([shapes.sample_scene(rng) for _ in range(args.batch)], args.size)
+        if args.crop < args.size:
+            m = preset.ae.downscale
+            crops = []
+            for img in x:
+                top, left = (rng.randrange(0, args.size - args.crop + 1, m) for _ in range(2))
+                crops.append(img[:, top : top + args.crop, left : left + args.crop])
+            x = torch.stack(crops)
+        lr = cosine_lr(step, args.steps, args.lr, warmup=200)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            moments = ae.encoder(x)
+            mean = moments[:, : preset.ae.z_channels]
+            rec = ae.decoder(mean)
+        rec = rec.float()
+        # L1 keeps edges crisp; the small latent penalty keeps the scale bounded for the DiT.
+        loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + 1e-4 * mean.float().pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0:
+            say(f"ae step {step}/{args.steps} loss {np.mean(losses[-50:]):.4f} lr {lr:.2e} "
+                f"{(time.perf_counter() - t0) / len(losses):.2f}s/step")
+        if step % args.save_every == 0 or step == args.steps:
+            _atomic_save({"model": ae.state_dict(), "opt": opt.state_dict(), "step": step}, ck)
+    ae.eval()
+    set_latent_stats(ae, preset, args.size, args.seed)
+    _atomic_safetensors(ae.state_dict(), out / "ae.safetensors")
+    err = reconstruction_error(ae, args.size, args.seed + 1)
+    say(f"ae: done, mean abs reconstruction error {err:.4f} (on [-1, 1]); saved {out / 'ae.safetensors'}")
+    return ae
+
+
+@torch.no_grad()
+def set_latent_stats(ae: AutoEncoder, preset: ModelPreset, size: int, seed: int, n: int = 1024) -> None:
+    """The BatchNorm statistics that normalise patchified latents for the DiT."""
+    rng = random.Random(seed + 17)
+    ae.bn.running_mean.zero_()
+    ae.bn.running_var.fill_(1.0 - preset.ae.bn_eps)
+    zs = torch.cat(
+        [ae.encode(render_batch([shapes.sample_scene(rng) for _ in range(64)], size)) for _ in range(n // 64)]
+    )
+    ae.bn.running_mean.copy_(zs.mean(dim=(0, 2, 3)))
+    ae.bn.running_var.copy_(zs.var(dim=(0, 2, 3)))
+    ae.bn.num_batches_tracked.fill_(n)
+
+
+@torch.no_grad()
+def reconstruction_error(ae: AutoEncoder, size: int, seed: int, n: int = 64) -> float:
+    rng = random.Random(seed)
+    x = render_batch([shapes.sample_scene(rng) for _ in range(n)], size)
+    return float((ae.decode(ae.encode(x)) - x).abs().mean())
+
+
+# ---------------------------------------------------------------- stage: base (flow matching)
+
+
+@dataclass
+class FlowArgs:
+    steps: int = 8000
+    batch: int = 32
+    lr: float = 4e-4
+    warmup: int = 300
+    size: int = 128
+    seed: int = 0
+    caption_dropout: float = 0.1
+    mix: tuple[float, float, float] = (0.55, 0.3, 0.15)
+    ema: float = 0.999
+    save_every: int = 200
+    time_shift: float = 5.0
+
+
+def init_dit(model: Flux2Transformer) -> None:
+    """Zero the modulation and output layers so every block starts as the identity (DiT-style)."""
+    with torch.no_grad():
+        for lin in (
+            model.double_stream_modulation_img.lin,
+            model.double_stream_modulation_txt.lin,
+            model.single_stream_modulation.lin,
+            model.final_layer.adaLN_modulation[1],
+            model.final_layer.linear,
+        ):
+            lin.weight.zero_()
+
+
+def init_text_encoder(te: Qwen3TextEncoder, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in te.named_parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            elif "norm" in name:
+                p.fill_(1.0)
+
+
+class Conditioner:
+    """Everything the DiT is conditioned on for one batch: text embedding, references, ids."""
+
+    def __init__(self, tok: PromptTokenizer, te: Qwen3TextEncoder, ae: AutoEncoder, preset: ModelPreset, size: int):
+        self.tok, self.te, self.preset = tok, te, preset
+        self.latents = LatentCache(ae, size)
+
+    def text(self, prompts: Sequence[str]) -> Tensor:
+        ids, mask = self.tok.encode(list(prompts), self.preset.text.max_length)
+        return self.te(ids, mask)
+
+    def refs(self, sources: Sequence[tuple[shapes.Scene, ...]]) -> tuple[Tensor | None, Tensor | None]:
+        n_refs = len(sources[0])
+        if n_refs == 0:
+            return None, None
+        per_ref = [self.latents([s[i] for s in sources]) for i in range(n_refs)]
+        toks = torch.cat([sampling.pack(z) for z in per_ref], dim=1)
+        ids = sampling.reference_ids([tuple(z.shape[-2:]) for z in per_ref], self.preset.ref_time_offset)
+        return toks, ids
+
+
+def _load_run_models(run: Path, preset: ModelPreset) -> tuple[PromptTokenizer, AutoEncoder]:
+    tok = PromptTokenizer.from_dir(run / "tokenizer")
+    ae = AutoEncoder(preset.ae)
+    ae.load_state_dict(load_file(str(run / "ae" / "ae.safetensors")))
+    return tok, ae.eval().requires_grad_(False)
+
+
+def train_base(run: Path, preset: ModelPreset, args: FlowArgs, say: Log = print) -> None:
+    out = run / "base"
+    out.mkdir(parents=True, exist_ok=True)
+    tok, ae = _load_run_models(run, preset)
+    if tok.vocab_size != preset.text.vocab_size:
+        raise ValueError(
+            f"the run's tokenizer has {tok.vocab_size} tokens but preset {preset.name} expects "
+            f"{preset.text.vocab_size}; retrain the tokenizer or update the preset"
+        )
+    torch.manual_seed(args.seed)
+    dit = Flux2Transformer(preset.dit)
+    init_dit(dit)
+    te = Qwen3TextEncoder(preset.text)
+    init_text_encoder(te, args.seed)
+    params = list(dit.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    ema_dit, ema_te = EMA(dit, args.ema), EMA(te, args.ema)
+    step = 0
+    ck = out / "ckpt.pt"
+    if ck.is_file():
+        state = torch.load(ck, weights_only=True)
+        dit.load_state_dict(state["dit"])
+        te.load_state_dict(state["te"])
+        ema_dit.shadow.load_state_dict(state["ema_dit"])
+        ema_te.shadow.load_state_dict(state["ema_te"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        say(f"base: resumed at step {step}")
+    cond = Conditioner(tok, te, ae, preset, args.size)
+    hw = args.size // preset.ae.downscale
+    img_ids, txt_ids = sampling.image_ids(hw, hw), sampling.text_ids(preset.text.max_length)
+    dit.train()
+    te.train()
+    t0, losses = time.perf_counter(), []
+    while step < args.steps:
+        rng = random.Random(args.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        b = sample_batch(rng, args.batch, args.mix)
+        prompts = ["" if rng.random() < args.caption_dropout else p for p in b.prompts]
+        x0 = sampling.pack(cond.latents(b.targets))
+        ref_tok, ref_ids = cond.refs(b.sources)
+        noise = torch.randn(x0.shape, generator=g)
+        t = sample_t(x0.shape[0], g, args.time_shift)
+        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        lr = cosine_lr(step, args.steps, args.lr, warmup=args.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            txt = cond.text(prompts)
+            v = dit(xt, img_ids, txt, txt_ids, t, ref=ref_tok, ref_ids=ref_ids)
+        loss = F.mse_loss(v.float(), noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_dit.update(dit, step)
+        ema_te.update(te, step)
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0:
+            c = cond.latents
+            hit = c.hits / max(1, c.hits + c.misses)
+            say(f"base step {step}/{args.steps} loss {np.mean(losses[-50:]):.4f} lr {lr:.2e} "
+                f"{(time.perf_counter() - t0) / len(losses):.2f}s/step, latent cache hits {hit:.0%}")
+        if step % args.save_every == 0 or step == args.steps:
+            _atomic_save(
+                {"dit": dit.state_dict(), "te": te.state_dict(), "ema_dit": ema_dit.shadow.state_dict(),
+                 "ema_te": ema_te.shadow.state_dict(), "opt": opt.state_dict(), "step": step},
+                ck,
+            )
+            export_text_encoder(ema_te.shadow, tok, preset, out / "text_encoder")
+            _atomic_safetensors(ema_dit.shadow.state_dict(), out / "dit.safetensors", torch.bfloat16)
+    say(f"base: done at step {step}")
+
+
+def export_text_encoder(te: Qwen3TextEncoder, tok: PromptTokenizer, preset: ModelPreset, folder: Path) -> None:
+    """A Qwen3-layout folder (config.json, model.safetensors, tokenizer files) the loader reads like a real one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    c = preset.text
+    config = {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "note": f"kleinbild {preset.name}: only the layers below {c.layers_to_run} are stored",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    _atomic_safetensors(te.state_dict(), folder / "model.safetensors", torch.bfloat16)
+    src = tok.source_dir
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((src / name).read_bytes())
+
+
+# ---------------------------------------------------------------- stage: distillation
+
+
+@dataclass
+class DistillArgs:
+    chunks: int = 200  # teacher trajectory batches of `batch` examples each
+    batch: int = 32
+    substeps: int = 8  # teacher Euler steps inside each student step
+    guidance: float = 4.0
+    steps: int = 4000
+    lr: float = 1e-4
+    size: int = 128
+    seed: int = 1
+    mix: tuple[float, float, float] = (0.55, 0.3, 0.15)
+    ema: float = 0.998
+    save_every: int = 200
+
+
+def refine(timesteps: Sequence[float], k: int) -> list[float]:
+    """Split every interval of a schedule into k equal parts (the teacher's finer grid)."""
+    out = [timesteps[0]]
+    for a, b in zip(timesteps[:-1], timesteps[1:], strict=True):
+        out += [a + (b - a) * (j + 1) / k for j in range(k)]
+    return out
+
+
+def _teacher(run: Path, preset: ModelPreset) -> tuple[Flux2Transformer, Qwen3TextEncoder]:
+    dit, te = Flux2Transformer(preset.dit), Qwen3TextEncoder(preset.text)
+    dit.load_state_dict(load_file(str(run / "base" / "dit.safetensors")))
+    te.load_state_dict(load_file(str(run / "base" / "text_encoder" / "model.safetensors")))
+    return dit.float().eval().requires_grad_(False), te.float().eval().requires_grad_(False)
+
+
+def _chunk_batch(args: DistillArgs, c: int) -> tuple[Batch, Tensor]:
+    """The examples and noise of trajectory chunk c, regenerated from the seed (only the states are stored)."""
+    rng = random.Random(args.seed * 7_000_001 + c)
+    g = torch.Generator().manual_seed(args.seed * 7_000_001 + c)
+    b = sample_batch(rng, args.batch, args.mix)
+    return b, g
+
+
+def make_trajectories(run: Path, preset: ModelPreset, args: DistillArgs, student_steps: int, say: Log = print) -> None:
+    """Teacher (base, CFG) solutions recorded at the student's timesteps: (B, student_steps + 1, N, C)."""
+    out = run / "distill" / "traj"
+    out.mkdir(parents=True, exist_ok=True)
+    tok, ae = _load_run_models(run, preset)
+    dit, te = _teacher(run, preset)
+    cond = Conditioner(tok, te, ae, preset, args.size)
+    hw = args.size // preset.ae.downscale
+    student_t = sampling.schedule(student_steps, hw * hw)
+    fine = refine(student_t, args.substeps)
+    img_ids, txt_ids = sampling.image_ids(hw, hw), sampling.text_ids(preset.text.max_length)
+    t0 = time.perf_counter()
+    done = 0
+    for c in range(args.chunks):
+        path = out / f"{c:05d}.pt"
+        if path.is_file():
+            continue
+        b, g = _chunk_batch(args, c)
+        n = len(b.prompts)
+        noise = torch.randn((n, hw * hw, preset.ae.latent_channels), generator=g)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            txt = cond.text(["" for _ in range(n)] + b.prompts)
+            ref_tok, ref_ids = cond.refs(b.sources)
+            if ref_tok is not None:
+                ref_tok = torch.cat([ref_tok, ref_tok])
+            states = [noise]
+            x = noise.clone()
+            for i, (t, t_next) in enumerate(zip(fine[:-1], fine[1:], strict=True)):
+                tv = torch.full((2 * n,), t)
+                v = dit(torch.cat([x, x]), img_ids, txt, txt_ids, tv, ref=ref_tok, ref_ids=ref_ids).float()
+                x = x + (t_next - t) * sampling.cfg_combine(v, args.guidance)
+                if (i + 1) % args.substeps == 0:
+                    states.append(x.clone())
+        _atomic_save(torch.stack(states, dim=1).to(torch.bfloat16), path)
+        done += 1
+        say(f"distill: trajectories {c + 1}/{args.chunks} ({b.kind}) {(time.perf_counter() - t0) / done:.1f}s/chunk")
+
+
+def train_distill(run: Path, preset: ModelPreset, args: DistillArgs, say: Log = print) -> None:
+    """Regress the student's velocity at each of its own timesteps onto the teacher's jump to the next one."""
+    out = run / "distill"
+    student_preset = get_preset("nano")
+    steps_student = student_preset.default_steps
+    make_trajectories(run, preset, args, steps_student, say)
+    tok, ae = _load_run_models(run, preset)
+    teacher, te = _teacher(run, preset)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema = EMA(student, args.ema)
+    step = 0
+    ck = out / "ckpt.pt"
+    if ck.is_file():
+        state = torch.load(ck, weights_only=True)
+        student.load_state_dict(state["dit"])
+        ema.shadow.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        say(f"distill: resumed at step {step}")
+    cond = Conditioner(tok, te, ae, preset, args.size)
+    hw = args.size // preset.ae.downscale
+    ts = torch.tensor(sampling.schedule(steps_student, hw * hw))
+    img_ids, txt_ids = sampling.image_ids(hw, hw), sampling.text_ids(preset.text.max_length)
+    t0, losses = time.perf_counter(), []
+    while step < args.steps:
+        rng = random.Random(args.seed * 9_000_011 + step)
+        c = rng.randrange(args.chunks)
+        b, _ = _chunk_batch(args, c)
+        states = torch.load(out / "traj" / f"{c:05d}.pt", weights_only=True).float()
+        n = states.shape[0]
+        i = torch.tensor([rng.randrange(steps_student) for _ in range(n)])
+        x = states[torch.arange(n), i]
+        target = (states[torch.arange(n), i + 1] - x) / (ts[i + 1] - ts[i])[:, None, None]
+        lr = cosine_lr(step, args.steps, args.lr, warmup=100)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            txt = cond.text(b.prompts)
+            ref_tok, ref_ids = cond.refs(b.sources)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v = student(x, img_ids, txt, txt_ids, ts[i], ref=ref_tok, ref_ids=ref_ids)
+        loss = F.mse_loss(v.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        ema.update(student, step)
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0:
+            say(f"distill step {step}/{args.steps} loss {np.mean(losses[-50:]):.4f} lr {lr:.2e} "
+                f"{(time.perf_counter() - t0) / len(losses):.2f}s/step")
+        if step % args.save_every == 0 or step == args.steps:
+            _atomic_save({"dit": student.state_dict(), "ema": ema.shadow.state_dict(), "opt": opt.state_dict(),
+                          "step": step}, ck)
+            _atomic_safetensors(ema.shadow.state_dict(), out / "dit.safetensors", torch.bfloat16)
+    say(f"distill: done at step {step}")
+
+
+# ---------------------------------------------------------------- bundle
+
+
+def bundle_dir() -> Path:
+    return Path(__file__).resolve().parent / "weights" / "nano"
+
+
+def export_bundle(run: Path, dest: Path | None = None, say: Log = print) -> Path:
+    """Assemble the shipped nano folder: both DiTs, the autoencoder and the text encoder with its tokenizer."""
+    dest = dest or bundle_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    base, nano = get_preset("nano-base"), get_preset("nano")
+    parts = {
+        run / "base" / "dit.safetensors": dest / base.dit_file,
+        run / "distill" / "dit.safetensors": dest / nano.dit_file,
+        run / "ae" / "ae.safetensors": dest / base.ae_file,
+    }
+    for src, dst in parts.items():
+        if src.is_file():
+            dst.write_bytes(src.read_bytes())
+        else:
+            say(f"bundle: {src} is not there yet; {dst.name} left as it was")
+    te_dst = dest / "text_encoder"
+    te_dst.mkdir(exist_ok=True)
+    for f in (run / "base" / "text_encoder").glob("*"):
+        (te_dst / f.name).write_bytes(f.read_bytes())
+    total = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    say(f"bundle: {dest} holds {total / 2**20:.1f} MiB")
+    return dest
+
+
+__all__ = [
+    "AEArgs",
+    "DistillArgs",
+    "export_bundle",
+    "train_distill",
+    "FlowArgs",
+    "corpus",
+    "get_preset",
+    "train_autoencoder",
+    "train_base",
+    "train_tokenizer",
+]
+
