@@ -130,3 +130,32 @@ def test_official_key_names_and_counts():
         assert got == expected
         assert sum(p.numel() for p in model.parameters()) == n_params == dit_param_count(cfg)
         assert DiTConfig.from_state_dict_shapes({k: tuple(v) for k, v in expected.items()}) == cfg
+
+
+def test_converters_round_trip():
+    from kleinbild.config import AEConfig
+    from kleinbild.convert import dit_to_diffusers, vae_from_diffusers, vae_to_diffusers
+
+    g = torch.Generator().manual_seed(0)
+    cfg = DiTConfig(hidden_size=64, num_heads=4, depth=2, depth_single=2, in_channels=32, context_dim=48,
+                    axes_dim=(4, 4, 4, 4))
+    sd = {k: torch.randn(v.shape, generator=g) for k, v in Flux2Transformer(cfg).state_dict().items()}
+    back = dit_from_diffusers(dit_to_diffusers(sd))
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    ref = diffusers.Flux2Transformer2DModel(patch_size=1, in_channels=32, num_layers=2, num_single_layers=2,
+                                            attention_head_dim=16, num_attention_heads=4, joint_attention_dim=48,
+                                            timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
+                                            guidance_embeds=False)
+    ref.load_state_dict(dit_to_diffusers(sd), strict=True)
+
+    from kleinbild.autoencoder import AutoEncoder
+
+    ae_cfg = AEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)
+    ae_sd = {k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+             for k, v in AutoEncoder(ae_cfg).state_dict().items()}
+    dif = vae_to_diffusers(ae_sd)
+    vae = diffusers.AutoencoderKLFlux2(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                                       up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4)
+    vae.load_state_dict(dif, strict=True)
+    back = vae_from_diffusers(dif)
+    assert back.keys() == ae_sd.keys() and all(torch.equal(back[k], ae_sd[k]) for k in ae_sd)

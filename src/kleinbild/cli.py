@@ -82,6 +82,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device")
     e.add_argument("--grid", help="write a PNG grid of prompts and outputs here")
     e.add_argument("--json", action="store_true")
+
+    v = sub.add_parser("serve", help="HTTP server: OpenAI-compatible images API, async jobs with progress, playground")
+    v.add_argument("--model", "-m", default=os.environ.get("KLEINBILD_MODEL", "nano"),
+                   help="as for generate (default: $KLEINBILD_MODEL, else the bundled nano model)")
+    v.add_argument("--vae", help="autoencoder for a single-file model")
+    v.add_argument("--text-encoder", help="text encoder for a single-file model")
+    v.add_argument("--preset", help="sampling behaviour for a single file with an unofficial name")
+    v.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    v.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    v.add_argument("--port", type=_int_at_least(0, "port"), default=8000)
+    v.add_argument("--api-key", action="append", default=[],
+                   help="require 'Authorization: Bearer KEY' on /v1 and /metrics (repeatable; also "
+                   "$KLEINBILD_API_KEYS, comma-separated)")
+    v.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin "
+                   "(repeatable; default: none)")
+    v.add_argument("--max-pixels", type=_positive_int, default=4 * 1024 * 1024, help="most output pixels (W*H)")
+    v.add_argument("--max-n", type=_positive_int, default=8, help="most images per request")
+    v.add_argument("--max-images", type=_positive_int, default=4, help="most reference images per request")
+    v.add_argument("--max-upload-bytes", type=_positive_int, default=32 * 2**20, help="largest request body")
+    v.add_argument("--max-image-pixels", type=_positive_int, default=4096 * 4096,
+                   help="largest uploaded image (W*H) before it is downsized")
+    v.add_argument("--max-steps", type=_positive_int, default=100)
+    v.add_argument("--max-queue", type=_positive_int, default=64, help="jobs that may wait; then 429")
+    v.add_argument("--max-batch", type=_positive_int, default=8, help="most images in one batched forward")
+    v.add_argument("--output-dir", help="where url results are written (default: a temporary folder)")
+    v.add_argument("--ttl", type=_positive_int, default=3600, help="seconds finished jobs and url results are kept")
+    v.add_argument("--preview-every", type=_int_at_least(0, "preview interval"), default=1,
+                   help="steps between progress previews (0: none)")
+    v.add_argument("--cache-size", type=_int_at_least(0, "cache size"), default=32,
+                   help="prompt embeddings and reference latents kept, each (0: no caching)")
+    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
 
@@ -225,6 +257,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kleinbild.server import ServerSettings, api_keys_from_env, serve
+
+    keys = tuple(dict.fromkeys([*args.api_key, *api_keys_from_env()]))
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not keys:
+        sys.stderr.write(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it\n")
+    settings = ServerSettings(
+        api_keys=keys,
+        cors_origins=tuple(args.cors_origin),
+        max_pixels=args.max_pixels,
+        max_n=args.max_n,
+        max_images=args.max_images,
+        max_upload_bytes=args.max_upload_bytes,
+        max_image_pixels=args.max_image_pixels,
+        max_steps=args.max_steps,
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        output_dir=args.output_dir,
+        ttl=float(args.ttl),
+        preview_every=args.preview_every,
+        prompt_cache=args.cache_size,
+        reference_cache=args.cache_size,
+    )
+    load = dict(vae=args.vae, text_encoder=args.text_encoder, preset=args.preset, device=args.device, dtype=args.dtype)
+    logging.getLogger("kleinbild").setLevel(args.log_level.upper())
+    return serve(args.model, host=args.host, port=args.port, settings=settings, load_options=load,
+                 log_level=args.log_level)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -238,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "serve":
+            return cmd_serve(args)
     except (ValueError, OSError) as e:
         # Our errors name the bad value and the fix; a traceback would only hide that.
         sys.stderr.write(f"error: {e}\n")

@@ -133,3 +133,60 @@ def is_diffusers_dit(keys: list[str] | set[str]) -> bool:
 
 def is_diffusers_vae(keys: list[str] | set[str]) -> bool:
     return any(".down_blocks." in k or k.startswith("quant_conv.") for k in keys)
+
+
+def dit_to_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of `dit_from_diffusers`: official names to a diffusers `Flux2Transformer2DModel` state dict."""
+    sd = dict(state_dict)
+    out: dict[str, Tensor] = {}
+    for dif, bfl in _DIT_SIMPLE.items():
+        out[dif] = sd.pop(bfl)
+    out["norm_out.linear.weight"] = _swap_halves(sd.pop("final_layer.adaLN_modulation.1.weight"))
+    for key in sorted(sd):
+        if m := re.match(r"double_blocks\.(\d+)\.(.+)$", key):
+            i, rest = m.groups()
+            p = f"transformer_blocks.{i}."
+            if rest in _DOUBLE_QKV:
+                for name, part in zip(_DOUBLE_QKV[rest], sd[key].chunk(3, dim=0), strict=True):
+                    out[p + name] = part
+            else:
+                (dif,) = [d for d, b in _DOUBLE_SIMPLE.items() if b == rest]
+                out[p + dif] = sd[key]
+        elif m := re.match(r"single_blocks\.(\d+)\.(.+)$", key):
+            i, rest = m.groups()
+            (dif,) = [d for d, b in _SINGLE_SIMPLE.items() if b == rest]
+            out[f"single_transformer_blocks.{i}.{dif}"] = sd[key]
+        else:
+            raise ValueError(f"unexpected tensor in official transformer checkpoint: {key!r}")
+    return out
+
+
+def vae_to_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of `vae_from_diffusers` (names found by renaming every diffusers-style candidate)."""
+    num_up = 1 + max(
+        (int(m.group(1)) for k in state_dict if (m := re.match(r"decoder\.up\.(\d+)\.", k))), default=-1
+    )
+    out: dict[str, Tensor] = {}
+    for key, t in state_dict.items():
+        k = key
+        if k.startswith("encoder.quant_conv."):
+            k = k.removeprefix("encoder.")
+        elif k.startswith("decoder.post_quant_conv."):
+            k = k.removeprefix("decoder.")
+        k = re.sub(r"\.mid\.block_(\d+)\.", lambda m: f".mid_block.resnets.{int(m.group(1)) - 1}.", k)
+        for bfl, dif in (("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+            k = k.replace(f".mid.attn_1.{bfl}.", f".mid_block.attentions.0.{dif}.")
+        k = k.replace(".norm_out.", ".conv_norm_out.").replace(".nin_shortcut.", ".conv_shortcut.")
+        k = re.sub(r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2.", k)
+        k = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", k)
+        k = re.sub(
+            r"^decoder\.up\.(\d+)\.(block|upsample)",
+            lambda m: f"decoder.up_blocks.{num_up - 1 - int(m.group(1))}.{m.group(2)}",
+            k,
+        )
+        k = re.sub(r"^(decoder\.up_blocks\.\d+\.)block\.(\d+)\.", r"\1resnets.\2.", k)
+        k = re.sub(r"^(decoder\.up_blocks\.\d+\.)upsample\.", r"\1upsamplers.0.", k)
+        if ".mid_block.attentions.0." in k and k.endswith(".weight") and t.ndim == 4:
+            t = t[:, :, 0, 0]
+        out[k] = t
+    return out

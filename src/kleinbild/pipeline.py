@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +80,104 @@ class GenerationResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+class GenerationCancelled(Exception):
+    """Raise it from a progress callback to stop a generation after the current step; it leaves generate()."""
+
+
+def content_key(*parts: bytes) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    for part in parts:
+        # Length-prefixed, so ("ab", "c") and ("a", "bc") cannot collide.
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
+class ContentCache:
+    """A bounded LRU of tensors keyed by a digest of their inputs, counting hits, misses and the time hits saved.
+
+    Each entry remembers what computing it cost, so `saved_seconds` is the encoder time that hits skipped.
+    `max_entries=0` disables it. Safe to read from other threads while one thread uses it.
+    """
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max(0, int(max_entries))
+        self.hits = 0
+        self.misses = 0
+        self.saved_seconds = 0.0
+        self._items: OrderedDict[str, tuple[Tensor, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> tuple[Tensor, float] | None:
+        """The cached value and the seconds this hit saved, or None (a miss)."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            self.saved_seconds += item[1]
+            return item
+
+    def put(self, key: str, value: Tensor, cost_seconds: float) -> None:
+        if self.max_entries == 0:
+            return
+        with self._lock:
+            self._items[key] = (value, cost_seconds)
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+    def resize(self, max_entries: int) -> None:
+        with self._lock:
+            self.max_entries = max(0, int(max_entries))
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "entries": len(self._items),
+                "max_entries": self.max_entries,
+                "hits": self.hits,
+                "misses": self.misses,
+                "saved_seconds": round(self.saved_seconds, 4),
+            }
+
+
+@dataclass
+class _Plan:
+    """One validated request, ready to sample: what generate() decided before any model runs."""
+
+    prompt: str
+    negative_prompt: str | None
+    refs: list[Image.Image]
+    width: int
+    height: int
+    steps: int
+    guidance: float | None
+    seed: int | None
+    noise: Tensor
+    notes: list[str]
+    callback: ProgressCallback | None = None
+
+    @property
+    def n(self) -> int:
+        return self.noise.shape[0]
+
+    def group_key(self) -> tuple:
+        """Plans with equal keys can share every forward pass."""
+        return (self.width, self.height, self.steps, self.guidance, tuple(r.size for r in self.refs))
+
+
 class KleinPipeline:
     """A loaded FLUX.2 [klein] model: transformer, autoencoder, text encoder and tokenizer."""
 
@@ -99,6 +200,10 @@ class KleinPipeline:
         self.device = device
         self.dtype = dtype
         self.source = source
+        # Keyed by content, so an edit loop on the same image or prompt skips the encoders. Prompt embeddings
+        # are (1, 512, 7680) for klein-4b, ~8 MB in bf16 each; reference latents are much smaller.
+        self.prompt_cache = ContentCache(32)
+        self.reference_cache = ContentCache(32)
 
     # ------------------------------------------------------------ loading
 
@@ -170,6 +275,71 @@ class KleinPipeline:
         cap = self.preset.max_ref_pixels_single if len(pil) == 1 else self.preset.max_ref_pixels_multi
         return [prepare_reference(im, cap, self.preset.ae.downscale, i) for i, im in enumerate(pil)]
 
+    # ------------------------------------------------------------ caches
+
+    def configure_caches(self, prompts: int | None = None, references: int | None = None) -> None:
+        """Set how many prompt embeddings / reference latents are kept; 0 disables that cache."""
+        if prompts is not None:
+            self.prompt_cache.resize(prompts)
+        if references is not None:
+            self.reference_cache.resize(references)
+
+    def clear_caches(self) -> None:
+        self.prompt_cache.clear()
+        self.reference_cache.clear()
+
+    def cache_stats(self) -> dict[str, dict[str, Any]]:
+        return {"prompt": self.prompt_cache.stats(), "reference": self.reference_cache.stats()}
+
+    def _cached_prompts(self, prompts: Sequence[str], stats: list[dict[str, Any]]) -> list[Tensor]:
+        """(1, L, D) embedding per prompt; misses go through the text encoder together, once per distinct prompt.
+
+        `stats[i]` gets prompt i's hit or miss and the seconds a hit saved.
+        """
+        keys = [content_key(b"prompt", p.encode("utf-8", "surrogatepass")) for p in prompts]
+        rows: dict[str, Tensor] = {}
+        todo: dict[str, str] = {}
+        for k, p, st in zip(keys, prompts, stats, strict=True):
+            if k in rows or k in todo:
+                st["prompt_hits"] = st.get("prompt_hits", 0) + (k in rows)
+                st["prompt_misses"] = st.get("prompt_misses", 0) + (k in todo)
+                continue
+            got = self.prompt_cache.get(k)
+            if got is None:
+                todo[k] = p
+                st["prompt_misses"] = st.get("prompt_misses", 0) + 1
+            else:
+                rows[k] = got[0]
+                st["prompt_hits"] = st.get("prompt_hits", 0) + 1
+                st["saved_seconds"] = st.get("saved_seconds", 0.0) + got[1]
+        if todo:
+            t0 = time.perf_counter()
+            emb = self.encode_prompt(list(todo.values()))
+            cost = (time.perf_counter() - t0) / len(todo)
+            for i, k in enumerate(todo):
+                # A clone, so a cached row does not keep the whole batch's storage alive.
+                rows[k] = emb[i : i + 1].clone() if len(todo) > 1 else emb
+                self.prompt_cache.put(k, rows[k], cost)
+        return [rows[k] for k in keys]
+
+    def _cached_references(self, refs: Sequence[Image.Image], stats: dict[str, Any]) -> list[Tensor]:
+        """(1, C, h, w) latent per prepared reference, from the cache when the same pixels were encoded before."""
+        out = []
+        for im in refs:
+            k = content_key(b"reference", im.mode.encode(), f"{im.size}".encode(), im.tobytes())
+            got = self.reference_cache.get(k)
+            if got is None:
+                t0 = time.perf_counter()
+                lat = self.encode_images([im])[0]
+                self.reference_cache.put(k, lat, time.perf_counter() - t0)
+                stats["reference_misses"] = stats.get("reference_misses", 0) + 1
+            else:
+                lat = got[0]
+                stats["reference_hits"] = stats.get("reference_hits", 0) + 1
+                stats["saved_seconds"] = stats.get("saved_seconds", 0.0) + got[1]
+            out.append(lat)
+        return out
+
     # ------------------------------------------------------------ generate
 
     def _size(
@@ -213,8 +383,73 @@ class KleinPipeline:
         """Text-to-image (no image), edit (one) or multi-reference generation (several).
 
         Returns the images and the settings used (seed, size, steps, guidance, ...), so any result can be
-        reproduced. `noise` (n, C, H/16, W/16) replaces the seeded initial noise.
+        reproduced. `noise` (n, C, H/16, W/16) replaces the seeded initial noise. A callback that raises
+        `GenerationCancelled` stops the run after that step; the exception propagates.
         """
+        plan = self._plan(
+            prompt,
+            images,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance=guidance,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            num_images=num_images,
+            noise=noise,
+        )
+        return self._run_group([plan], callback)[0]
+
+    def generate_batch(
+        self, requests: Sequence[Mapping[str, Any]], callback: ProgressCallback | None = None
+    ) -> list[GenerationResult]:
+        """Several generate() requests in as few batched forward passes as their shapes allow.
+
+        Each request is a mapping of generate()'s arguments (`prompt` and `images` included); its own
+        `callback` gets that request's rows of the latent. Requests that agree on size, steps, guidance and
+        reference sizes run as one batch (prompts, negative prompts, references and seeds may differ); the
+        others run as further batches, in order of first appearance. `callback` sees each batch's whole latent
+        and may raise `GenerationCancelled` to stop. Every request is validated before anything runs, so one
+        bad request raises `InputError` and nothing is computed. Results come back in request order; each one's
+        settings say how many images shared its forward (`batch_size`).
+        """
+        plans: list[_Plan] = []
+        for i, req in enumerate(requests):
+            if not isinstance(req, Mapping):
+                raise InputError(f"request {i} is a {type(req).__name__}; pass a dict of generate() arguments")
+            args = dict(req)
+            if "prompt" not in args:
+                raise InputError(f"request {i} has no prompt")
+            cb = args.pop("callback", None)
+            try:
+                plan = self._plan(args.pop("prompt"), args.pop("images", None), **args)
+            except TypeError as e:
+                raise InputError(f"request {i}: {e}") from None
+            plan.callback = cb
+            plans.append(plan)
+        groups: dict[tuple, list[int]] = {}
+        for i, plan in enumerate(plans):
+            groups.setdefault(plan.group_key(), []).append(i)
+        results: list[GenerationResult | None] = [None] * len(plans)
+        for idx in groups.values():
+            for i, res in zip(idx, self._run_group([plans[i] for i in idx], callback), strict=True):
+                results[i] = res
+        return results  # type: ignore[return-value]
+
+    def _plan(
+        self,
+        prompt: str,
+        images: Sequence[ImageInput] | ImageInput | None = None,
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        negative_prompt: str | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        noise: Tensor | None = None,
+    ) -> _Plan:
         p = self.preset
         notes: list[str] = []
         if not isinstance(prompt, str):
@@ -259,56 +494,96 @@ class KleinPipeline:
             if tuple(noise.shape) != expect:
                 raise InputError(f"noise has shape {tuple(noise.shape)}; for this request it must be {expect}")
             seed = None
+        return _Plan(prompt, negative_prompt, refs, w, h, steps, guidance, seed, noise, notes)
 
+    def _run_group(self, plans: list[_Plan], callback: ProgressCallback | None) -> list[GenerationResult]:
+        """Sample and decode plans that share a group key, all in one batch."""
+        p = self.preset
         t_start = time.perf_counter()
-        latent = self._sample(prompt, negative_prompt, refs, noise, steps, guidance, th, tw, callback)
+        stats: list[dict[str, Any]] = [{} for _ in plans]
+        timings: dict[str, float] = {}
+        latent = self._sample_group(plans, stats, timings, callback)
+        t0 = time.perf_counter()
         out = self.decode(latent)
-        settings = {
-            "model": p.name,
-            "source": self.source,
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "seed": seed,
-            "steps": steps,
-            "guidance": guidance,
-            "width": w,
-            "height": h,
-            "num_images": num_images,
-            "references": [list(r.size) for r in refs],
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "device": str(self.device),
-            "seconds": round(time.perf_counter() - t_start, 3),
-            "notes": notes,
-        }
-        return GenerationResult(out, settings)
+        timings["decode"] = time.perf_counter() - t0
+        seconds = round(time.perf_counter() - t_start, 3)
+        rows = sum(pl.n for pl in plans)
+        results, at = [], 0
+        for pl, st in zip(plans, stats, strict=True):
+            st["saved_seconds"] = round(st.get("saved_seconds", 0.0), 4)
+            settings = {
+                "model": p.name,
+                "source": self.source,
+                "prompt": pl.prompt,
+                "negative_prompt": pl.negative_prompt,
+                "seed": pl.seed,
+                "steps": pl.steps,
+                "guidance": pl.guidance,
+                "width": pl.width,
+                "height": pl.height,
+                "num_images": pl.n,
+                "references": [list(r.size) for r in pl.refs],
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "device": str(self.device),
+                "seconds": seconds,
+                "timings": {k: round(v, 4) for k, v in timings.items()},
+                "batch_size": rows,
+                "cache": st,
+                "notes": pl.notes,
+            }
+            results.append(GenerationResult(out[at : at + pl.n], settings))
+            at += pl.n
+        return results
 
     @torch.inference_mode()
-    def _sample(
+    def _sample_group(
         self,
-        prompt: str,
-        negative_prompt: str | None,
-        refs: list[Image.Image],
-        noise: Tensor,
-        steps: int,
-        guidance: float | None,
-        th: int,
-        tw: int,
+        plans: list[_Plan],
+        stats: list[dict[str, Any]],
+        timings: dict[str, float],
         callback: ProgressCallback | None,
     ) -> Tensor:
         p, dev, dt = self.preset, self.device, self.dtype
-        n = noise.shape[0]
+        first = plans[0]
+        th, tw = first.height // p.ae.downscale, first.width // p.ae.downscale
+        guidance, steps = first.guidance, first.steps
         cfg = guidance is not None
-        prompts = [negative_prompt or "", prompt] if cfg else [prompt]
-        emb = self.encode_prompt(prompts)
-        # [uncond x n, cond x n] for CFG; cond x n otherwise.
-        txt = emb.repeat_interleave(n, dim=0)
+        counts = [pl.n for pl in plans]
+
+        t0 = time.perf_counter()
+        if cfg:
+            prompts = [x for pl in plans for x in (pl.negative_prompt or "", pl.prompt)]
+            per = [st for st in stats for _ in range(2)]
+        else:
+            prompts, per = [pl.prompt for pl in plans], stats
+        emb = self._cached_prompts(prompts, per)
+        if cfg:
+            uncond = torch.cat([e.expand(n, -1, -1) for e, n in zip(emb[0::2], counts, strict=True)])
+            cond = torch.cat([e.expand(n, -1, -1) for e, n in zip(emb[1::2], counts, strict=True)])
+            # [uncond x N, cond x N], the layout cfg_combine splits.
+            txt = torch.cat([uncond, cond])
+        else:
+            txt = torch.cat([e.expand(n, -1, -1) for e, n in zip(emb, counts, strict=True)])
+        timings["text"] = time.perf_counter() - t0
+
         txt_ids = sampling.text_ids(txt.shape[1]).to(dev)
         img_ids = sampling.image_ids(th, tw).to(dev)
         ref_tok = ref_ids = None
-        if refs:
-            lat = self.encode_images(refs)
-            ref_tok = torch.cat([sampling.pack(z) for z in lat], dim=1).expand(txt.shape[0], -1, -1)
+        t0 = time.perf_counter()
+        if first.refs:
+            per_plan = []
+            for pl, st in zip(plans, stats, strict=True):
+                lat = self._cached_references(pl.refs, st)
+                per_plan.append(torch.cat([sampling.pack(z) for z in lat], dim=1))
+            if len(plans) == 1:
+                ref_tok = per_plan[0].expand(txt.shape[0], -1, -1)
+            else:
+                ref_tok = torch.cat([r.expand(n, -1, -1) for r, n in zip(per_plan, counts, strict=True)])
+                if cfg:
+                    ref_tok = torch.cat([ref_tok, ref_tok])
             ref_ids = sampling.reference_ids([tuple(z.shape[-2:]) for z in lat], p.ref_time_offset).to(dev)
+        timings["references"] = time.perf_counter() - t0
+
         timesteps = sampling.schedule(steps, th * tw)
         kv: list[KVCache] = []
         model = self.transformer
@@ -330,7 +605,17 @@ class KleinPipeline:
             return sampling.unpack(v, th, tw)
 
         def on_step(i: int, total: int, x: Tensor) -> None:
+            at = 0
+            for pl in plans:
+                if pl.callback is not None:
+                    pl.callback(i + 1, total, x[at : at + pl.n])
+                at += pl.n
             if callback is not None:
                 callback(i + 1, total, x)
 
-        return sampling.euler(noise.to(dev), timesteps, velocity, on_step)
+        t0 = time.perf_counter()
+        noise = torch.cat([pl.noise for pl in plans]) if len(plans) > 1 else first.noise
+        try:
+            return sampling.euler(noise.to(dev), timesteps, velocity, on_step)
+        finally:
+            timings["denoise"] = time.perf_counter() - t0
