@@ -63,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the presets and where each is available locally")
 
+    b = sub.add_parser("bench", help="time each stage and peak memory; --vs diffusers runs both on the same weights")
+    b.add_argument("--preset", default="klein-4b")
+    b.add_argument("--random-weights", action="store_true", help="seeded random weights of the preset's full size "
+                   "(written once to the cache folder); the only mode for now")
+    b.add_argument("--size", type=_positive_int, default=512)
+    b.add_argument("--steps", type=_positive_int, default=4)
+    b.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    b.add_argument("--threads", type=_positive_int, help="CPU threads for both engines (default: torch's)")
+    b.add_argument("--vs", choices=["diffusers"], help="also run diffusers' Flux2KleinPipeline, alternating")
+    b.add_argument("--repeats", type=_positive_int, default=3)
+    b.add_argument("--cache-dir", help="where random checkpoints are written (default ~/.cache/kleinbild)")
+
     t = sub.add_parser("train", help="train the nano models on the shapes world (CPU-friendly, resumable)")
     t.add_argument("stage", choices=["tokenizer", "ae", "base", "distill", "bundle", "all"])
     t.add_argument("--run", default="runs/nano", help="run folder: checkpoints and outputs (default: runs/nano)")
@@ -197,6 +209,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kleinbild import bench
+
+    if not args.random_weights:
+        raise ValueError("kleinbild bench measures random full-size weights for now: pass --random-weights")
+    res = bench.run(args.preset, size=args.size, steps=args.steps, dtype=args.dtype, threads=args.threads,
+                    vs=args.vs, repeats=args.repeats, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                    say=lambda m: print(m, file=sys.stderr, flush=True))
+    print(bench.format_table(res))
+    print(json.dumps(res))
+    return 0
+
+
 def cmd_models() -> int:
     from kleinbild.config import PRESETS
     from kleinbild.loading import where_is
@@ -295,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "models":
             return cmd_models()
+        if args.command == "bench":
+            return cmd_bench(args)
         if args.command == "train":
             return cmd_train(args)
         if args.command == "eval":

@@ -136,26 +136,35 @@ def is_diffusers_vae(keys: list[str] | set[str]) -> bool:
 
 
 def dit_to_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The inverse of `dit_from_diffusers`: official names to a diffusers `Flux2Transformer2DModel` state dict."""
-    sd = dict(state_dict)
+    """The inverse of `dit_from_diffusers`: official names to a diffusers `Flux2Transformer2DModel` state dict.
+
+    Works on any subset (e.g. one block at a time), so huge checkpoints can be converted piecewise.
+    """
+    top = {b: d for d, b in _DIT_SIMPLE.items()}
     out: dict[str, Tensor] = {}
-    for dif, bfl in _DIT_SIMPLE.items():
-        out[dif] = sd.pop(bfl)
-    out["norm_out.linear.weight"] = _swap_halves(sd.pop("final_layer.adaLN_modulation.1.weight"))
-    for key in sorted(sd):
-        if m := re.match(r"double_blocks\.(\d+)\.(.+)$", key):
+    for key in state_dict:
+        t = state_dict[key]
+        if key in top:
+            out[top[key]] = t
+        elif key == "final_layer.adaLN_modulation.1.weight":
+            out["norm_out.linear.weight"] = _swap_halves(t)
+        elif m := re.match(r"double_blocks\.(\d+)\.(.+)$", key):
             i, rest = m.groups()
             p = f"transformer_blocks.{i}."
             if rest in _DOUBLE_QKV:
-                for name, part in zip(_DOUBLE_QKV[rest], sd[key].chunk(3, dim=0), strict=True):
+                for name, part in zip(_DOUBLE_QKV[rest], t.chunk(3, dim=0), strict=True):
                     out[p + name] = part
             else:
-                (dif,) = [d for d, b in _DOUBLE_SIMPLE.items() if b == rest]
-                out[p + dif] = sd[key]
+                (dif,) = [d for d, b in _DOUBLE_SIMPLE.items() if b == rest] or [None]
+                if dif is None:
+                    raise ValueError(f"unexpected tensor in official transformer checkpoint: {key!r}")
+                out[p + dif] = t
         elif m := re.match(r"single_blocks\.(\d+)\.(.+)$", key):
             i, rest = m.groups()
-            (dif,) = [d for d, b in _SINGLE_SIMPLE.items() if b == rest]
-            out[f"single_transformer_blocks.{i}.{dif}"] = sd[key]
+            (dif,) = [d for d, b in _SINGLE_SIMPLE.items() if b == rest] or [None]
+            if dif is None:
+                raise ValueError(f"unexpected tensor in official transformer checkpoint: {key!r}")
+            out[f"single_transformer_blocks.{i}.{dif}"] = t
         else:
             raise ValueError(f"unexpected tensor in official transformer checkpoint: {key!r}")
     return out
