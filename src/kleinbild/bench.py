@@ -281,7 +281,7 @@ def child(engine: str, folder: str, size: int, steps: int, dtype: str, text_laye
     elif engine == "diffusers":
         from diffusers import Flux2KleinPipeline
 
-        pipe = Flux2KleinPipeline.from_pretrained(folder, torch_dtype=dt)
+        pipe = Flux2KleinPipeline.from_pretrained(folder, dtype=dt)
         pipe.set_progress_bar_config(disable=True)
         out["load"] = time.perf_counter() - t_start
         stage: dict[str, float] = {}
@@ -297,7 +297,7 @@ def child(engine: str, folder: str, size: int, steps: int, dtype: str, text_laye
         pipe.encode_prompt = timed("text", pipe.encode_prompt)
         pipe.vae.decode = timed("decode", pipe.vae.decode)
         t0 = time.perf_counter()
-        image = pipe(PROMPT, height=size, width=size, num_inference_steps=steps,
+        image = pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps,
                      generator=torch.Generator("cpu").manual_seed(seed), text_encoder_out_layers=tuple(text_layers),
                      max_sequence_length=max_text,
                      callback_on_step_end=lambda p, i, t, kw: (marks.append(time.perf_counter()), kw)[1]).images[0]

@@ -30,6 +30,20 @@ _positive_int = _int_at_least(1, "value")
 _seed = _int_at_least(0, "seed")
 
 
+_QUANT_FORMATS = ("fp8", "nvfp4", "int8")
+
+
+def _add_model_extras(p: argparse.ArgumentParser, fuse: bool = True) -> None:
+    """--lora (repeatable) and --quant, shared by the commands that load a model."""
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA (diffusers/PEFT, kohya/ComfyUI or official keys), scale 1 unless given; "
+                   "repeat for several")
+    if fuse:
+        p.add_argument("--fuse-lora", action="store_true", help="merge the LoRAs into the weights (faster steps)")
+    p.add_argument("--quant", choices=_QUANT_FORMATS,
+                   help="quantize the transformer's block linears on load (weight-only; int8 per output channel)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kleinbild", description="Run the FLUX.2 [klein] image models.")
     parser.add_argument("--version", action="version", version=f"kleinbild {__version__}")
@@ -59,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     g.add_argument("--out", "-o", default="out.png", help="output PNG; with -n > 1 files are NAME-0.png, NAME-1.png")
     g.add_argument("--json", action="store_true", help="print the settings used as JSON on stdout")
+    _add_model_extras(g)
     g.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
 
     sub.add_parser("models", help="list the presets and where each is available locally")
@@ -75,14 +90,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive_int, default=3)
     b.add_argument("--cache-dir", help="where random checkpoints are written (default ~/.cache/kleinbild)")
 
-    t = sub.add_parser("train", help="train the nano models on the shapes world (CPU-friendly, resumable)")
-    t.add_argument("stage", choices=["tokenizer", "ae", "base", "distill", "bundle", "all"])
+    t = sub.add_parser("train", help="train the nano models on the shapes world (CPU-friendly, resumable), or a LoRA "
+                       "(train lora --base MODEL --data DIR --out DIR)")
+    t.add_argument("stage", choices=["tokenizer", "ae", "base", "distill", "bundle", "all", "lora", "lora-data",
+                                     "lora-eval"])
     t.add_argument("--run", default="runs/nano", help="run folder: checkpoints and outputs (default: runs/nano)")
     t.add_argument("--steps", type=_positive_int, help="training steps of the stage (default: the recipe's)")
     t.add_argument("--batch", type=_positive_int, help="batch size (default: the recipe's)")
     t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--chunks", type=_positive_int, help="distill: teacher trajectory batches to record")
     t.add_argument("--bundle-to", help="bundle: destination folder (default: the package's weights/nano)")
+    lo = t.add_argument_group("LoRA (stages lora, lora-data, lora-eval)")
+    lo.add_argument("--base", default="nano-base", help="lora: the model to adapt (default: nano-base)")
+    lo.add_argument("--data", help="lora: folder of images with NAME.txt captions, or a metadata.jsonl; "
+                    "lora-data: where to write the concept examples")
+    lo.add_argument("--out", help="lora: output folder (checkpoints, samples, lora.safetensors)")
+    lo.add_argument("--rank", type=_positive_int, default=16)
+    lo.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
+    lo.add_argument("--lr", type=float, default=5e-4)
+    lo.add_argument("--targets", choices=["blocks", "attn"], default="blocks")
+    lo.add_argument("--size", type=_positive_int, help="training side in px (default: the model's default size)")
+    lo.add_argument("--save-every", type=_positive_int, default=100)
+    lo.add_argument("--sample-prompt", help="prompt of the sample image saved with each checkpoint")
+    lo.add_argument("--lora", help="lora-eval: the trained adapter")
+    lo.add_argument("--concept", default="pink", help="lora-data / lora-eval: the concept colour (pink, cyan, brown)")
+    lo.add_argument("-n", type=_positive_int, default=20, help="lora-data / lora-eval: examples")
+    lo.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
 
     e = sub.add_parser("eval", help="score a model with the shapes-world analyser on held-out prompts")
     e.add_argument("--model", "-m", default="nano")
@@ -94,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device")
     e.add_argument("--grid", help="write a PNG grid of prompts and outputs here")
     e.add_argument("--json", action="store_true")
+    _add_model_extras(e)
 
     v = sub.add_parser("serve", help="HTTP server: OpenAI-compatible images API, async jobs with progress, playground")
     v.add_argument("--model", "-m", default=os.environ.get("KLEINBILD_MODEL", "nano"),
@@ -126,6 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cache-size", type=_int_at_least(0, "cache size"), default=32,
                    help="prompt embeddings and reference latents kept, each (0: no caching)")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_model_extras(v)
+
+    q = sub.add_parser("quantize", help="write a transformer as a quantized single file (fp8, nvfp4, int8), or "
+                       "measure weight memory (--report) and image quality (--quality)")
+    q.add_argument("model", nargs="?", help="the bf16 transformer: official or diffusers .safetensors, diffusers "
+                   "folder, preset")
+    q.add_argument("out", nargs="?", help="output .safetensors (default: MODEL-FORMAT.safetensors beside a file)")
+    q.add_argument("--format", "-f", choices=_QUANT_FORMATS, default="fp8")
+    q.add_argument("--report", action="store_true", help="print the transformer's weight bytes in bf16 and every "
+                   "format instead of writing a file")
+    q.add_argument("--quality", type=_positive_int, metavar="N", help="shapes-world models: PSNR against bf16 and "
+                   "eval score per format on N prompts per task")
+    q.add_argument("--matmul", action="store_true", help="per-format matmul error and time of one klein-4b layer "
+                   "(3072 -> 9216) on this machine")
+    q.add_argument("--device")
     return parser
 
 
@@ -181,6 +230,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         preset=args.preset,
         device=args.device,
         dtype=args.dtype,
+        quant=args.quant,
+        loras=args.lora,
+        fuse_loras=args.fuse_lora,
     )
     if not args.quiet:
         sys.stderr.write(f"loaded {pipe.preset.name} on {pipe.device} ({time.perf_counter() - t0:.1f}s)\n")
@@ -251,6 +303,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(msg, flush=True)
 
+    if args.stage.startswith("lora"):
+        return _train_lora(args)
     stages = ["tokenizer", "ae", "base", "distill", "bundle"] if args.stage == "all" else [args.stage]
     for stage in stages:
         if stage == "tokenizer":
@@ -270,7 +324,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kleinbild.evaluate import evaluate, format_table, save_grid
     from kleinbild.pipeline import KleinPipeline
 
-    pipe = KleinPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    pipe = KleinPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, quant=args.quant,
+                                         loras=args.lora, fuse_loras=args.fuse_lora)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     report = evaluate(pipe, tasks, n=args.n, seed=args.seed, steps=args.steps)
     print(format_table(report))
@@ -305,10 +360,72 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prompt_cache=args.cache_size,
         reference_cache=args.cache_size,
     )
-    load = dict(vae=args.vae, text_encoder=args.text_encoder, preset=args.preset, device=args.device, dtype=args.dtype)
+    load = dict(vae=args.vae, text_encoder=args.text_encoder, preset=args.preset, device=args.device, dtype=args.dtype,
+                quant=args.quant, loras=args.lora, fuse_loras=args.fuse_lora)
     logging.getLogger("kleinbild").setLevel(args.log_level.upper())
     return serve(args.model, host=args.host, port=args.port, settings=settings, load_options=load,
                  log_level=args.log_level)
+
+
+def _train_lora(args: argparse.Namespace) -> int:
+    from kleinbild import train_lora as tl
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+
+    if args.stage == "lora-data":
+        if not args.data:
+            raise ValueError("lora-data needs --data DIR: where to write the concept examples")
+        folder = tl.make_concept_data(Path(args.data), args.concept, n=args.n, seed=args.seed)
+        print(folder)
+        return 0
+    if args.stage == "lora-eval":
+        from kleinbild.pipeline import KleinPipeline
+
+        if not args.lora:
+            raise ValueError("lora-eval needs --lora FILE (the trained adapter)")
+        pipe = KleinPipeline.from_pretrained(args.base, device=args.device, loras=[args.lora])
+        report = tl.concept_eval(pipe, args.concept, n=args.n, seed=1000 + args.seed)
+        print(json.dumps(report, indent=2))
+        return 0
+    if not args.data or not args.out:
+        raise ValueError("train lora needs --data DIR (captioned images) and --out DIR")
+    fields = dict(rank=args.rank, alpha=args.alpha, lr=args.lr, targets=args.targets, size=args.size,
+                  save_every=args.save_every, sample_prompt=args.sample_prompt, seed=args.seed)
+    if args.steps:
+        fields["steps"] = args.steps
+    if args.batch:
+        fields["batch"] = args.batch
+    tl.train_lora(args.base, Path(args.data), Path(args.out), tl.LoraArgs(**fields), say=say,
+                  load_options={"device": args.device} if args.device else None)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from kleinbild import quant
+
+    if args.matmul:
+        print(json.dumps(quant.matmul_report()))
+        return 0
+    if not args.model:
+        raise ValueError("give the model to quantize: kleinbild quantize MODEL [OUT] --format fp8|nvfp4|int8")
+    if args.quality:
+        print(json.dumps(quant.quality_report(args.model, n=args.quality, device=args.device)))
+        return 0
+    if args.report:
+        print(json.dumps(quant.memory_report(args.model)))
+        return 0
+    out = args.out
+    if out is None:
+        src = Path(args.model)
+        if not src.is_file():
+            raise ValueError("give the output file: kleinbild quantize MODEL OUT.safetensors --format ...")
+        out = src.with_name(f"{src.stem}-{args.format}.safetensors")
+    res = quant.quantize_file(args.model, Path(out), args.format)
+    print(out)
+    sys.stderr.write(f"{res['layers']} layers as {res['format']}, {res['bytes'] / 2**20:.1f} MiB, "
+                     f"{res['seconds']:.1f}s\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "quantize":
+            return cmd_quantize(args)
     except (ValueError, OSError) as e:
         # Our errors name the bad value and the fix; a traceback would only hide that.
         sys.stderr.write(f"error: {e}\n")

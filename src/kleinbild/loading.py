@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -215,7 +216,10 @@ def single_file_files(
     text_layers: tuple[int, ...] | None = None,
     max_text_length: int | None = None,
 ) -> ModelFiles:
-    shapes = read_shapes([dit_path])
+    from kleinbild.quant import logical_shapes
+
+    # Quantized files: scales dropped and packed weights at full width, so the architecture reads the same.
+    shapes = logical_shapes([dit_path])
     if is_diffusers_dit(set(shapes)):
         raise ModelNotFoundError(
             f"{dit_path} uses diffusers tensor names; pass the whole diffusers folder (with model_index.json)"
@@ -224,7 +228,9 @@ def single_file_files(
     if preset is not None:
         template = get_preset(preset)
     else:
-        by_file = [p for p in PRESETS.values() if p.dit_file == dit_path.name]
+        # A quantized build keeps the official name plus a suffix (flux-2-klein-base-4b-fp8.safetensors).
+        plain = re.sub(r"[-_.](fp8|nvfp4|int8)(?=\.safetensors$)", "", dit_path.name)
+        by_file = [p for p in PRESETS.values() if p.dit_file in (dit_path.name, plain)]
         template = by_file[0] if by_file else _behaviour("", True, dit_cfg.hidden_size)
         if not by_file:
             log.warning("%s: unknown file name, sampling as %s (pass a preset to change)", dit_path, template.name)
@@ -347,7 +353,9 @@ def where_is(preset: ModelPreset) -> Path | None:
 
 
 def dit_state(files: ModelFiles) -> dict[str, Tensor]:
-    sd = read_tensors(files.dit_files)
+    from kleinbild.quant import strip_prefix  # ComfyUI-saved files prefix the official names
+
+    sd = read_tensors(files.dit_files, rename=strip_prefix if files.dit_layout == "bfl" else lambda k: k)
     return dit_from_diffusers(sd) if files.dit_layout == "diffusers" else sd
 
 

@@ -17,11 +17,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from kleinbild import sampling
+from kleinbild import lora, sampling
 from kleinbild.autoencoder import AutoEncoder
 from kleinbild.config import ModelPreset
 from kleinbild.images import MAX_PIXELS, MIN_SIDE, InputError, open_image, prepare_reference, to_pil, to_tensor
 from kleinbild.loading import ModelFiles, ae_state, dit_state, load_into, locate, text_state
+from kleinbild.quant import prepare_quantized
 from kleinbild.text_encoder import Qwen3TextEncoder, text_encoder_wanted_keys
 from kleinbild.tokenizer import PromptTokenizer
 from kleinbild.transformer import Flux2Transformer, KVCache
@@ -200,6 +201,7 @@ class KleinPipeline:
         self.device = device
         self.dtype = dtype
         self.source = source
+        self.quant: str | None = None  # quantization format of the transformer's linear layers, if any
         # Keyed by content, so an edit loop on the same image or prompt skips the encoders. Prompt embeddings
         # are (1, 512, 7680) for klein-4b, ~8 MB in bf16 each; reference latents are much smaller.
         self.prompt_cache = ContentCache(32)
@@ -219,15 +221,26 @@ class KleinPipeline:
         dtype: str | torch.dtype | None = None,
         text_layers: tuple[int, ...] | None = None,
         max_text_length: int | None = None,
+        quant: str | None = None,
+        loras: Sequence[str | tuple[str | Path, float]] | None = None,
+        fuse_loras: bool = False,
     ) -> KleinPipeline:
         """Load from a diffusers folder, an official single file (+ `vae` and `text_encoder`), a preset or a repo id.
 
         `preset` picks the sampling behaviour for a single file whose name is not an official one.
         `text_layers`/`max_text_length` override the tapped Qwen3 layers and the prompt length (for research
-        and for tiny test models).
+        and for tiny test models). `quant` ("fp8", "nvfp4", "int8") quantizes the transformer's block linears while
+        loading (quantized files load as they are without it). `loras`: files or `FILE:SCALE` strings or
+        (file, scale) pairs, attached in order; `fuse_loras` merges them into the weights.
         """
         files = locate(model, vae, text_encoder, preset, text_layers, max_text_length)
-        return cls.from_files(files, device=device, dtype=dtype, source=str(model))
+        pipe = cls.from_files(files, device=device, dtype=dtype, source=str(model), quant=quant)
+        for spec in loras or ():
+            path, scale = lora.parse_spec(spec) if isinstance(spec, (str, Path)) else spec
+            pipe.load_lora(path, scale)
+        if fuse_loras and loras:
+            pipe.fuse_loras()
+        return pipe
 
     @classmethod
     def from_files(
@@ -237,6 +250,7 @@ class KleinPipeline:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         source: str = "",
+        quant: str | None = None,
     ) -> KleinPipeline:
         dev, dt = pick_device(device), pick_dtype(dtype)
         p = files.preset
@@ -245,13 +259,53 @@ class KleinPipeline:
             dit = Flux2Transformer(p.dit)
             ae = AutoEncoder(p.ae)
             te = Qwen3TextEncoder(p.text)
-        load_into(dit, dit_state(files), f"transformer {files.dit_files[0]}", dev, dt)
+        dit_sd = dit_state(files)
+        quant_used = prepare_quantized(dit, dit_sd, quant, dev)
+        load_into(dit, dit_sd, f"transformer {files.dit_files[0]}", dev, dt)
+        del dit_sd
         load_into(ae, ae_state(files), f"autoencoder {files.ae_files[0]}", dev, dt)
         te_state = text_state(files, text_encoder_wanted_keys(p.text))
         load_into(te, te_state, f"text encoder {files.text_files[0]}", dev, dt)
         tok = PromptTokenizer.from_dir(files.tokenizer_dir)
         log.info("loaded %s (%s) on %s/%s in %.1fs", source, p.name, dev, dt, time.perf_counter() - t0)
-        return cls(p, dit, ae, te, tok, dev, dt, source=source)
+        pipe = cls(p, dit, ae, te, tok, dev, dt, source=source)
+        pipe.quant = quant_used
+        return pipe
+
+    # ------------------------------------------------------------ LoRA
+
+    def load_lora(self, source: str | Path | Mapping[str, Tensor], scale: float = 1.0, *, name: str | None = None,
+                  fuse: bool = False) -> str:
+        """Attach a LoRA (diffusers/PEFT, kohya/ComfyUI or official-key file, or a state dict); returns its name.
+
+        Several can be attached, each with its own scale. Every key must apply to this transformer, else ValueError
+        lists the ones that do not. `fuse` merges it into the weights (faster; `unfuse_loras` takes it out again).
+        """
+        weights = lora.parse_lora(source, self.transformer)
+        host = lora.host(self.transformer)
+        added = host.add(weights, scale, name=name, device=self.device, dtype=self.dtype)
+        if fuse:
+            host.fuse([added])
+        return added
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        lora.host(self.transformer).set_scale(name, scale)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Detach one LoRA by name, or all of them."""
+        lora.host(self.transformer).remove(name)
+
+    def fuse_loras(self, names: Sequence[str] | None = None) -> None:
+        lora.host(self.transformer).fuse(names)
+
+    def unfuse_loras(self, names: Sequence[str] | None = None) -> None:
+        lora.host(self.transformer).unfuse(names)
+
+    @property
+    def loras(self) -> list[dict[str, Any]]:
+        """The attached LoRAs: name, source, scale, fused, layers, ranks."""
+        attached = getattr(self.transformer, "_kleinbild_lora", None)
+        return attached.info() if attached is not None else []
 
     # ------------------------------------------------------------ stages
 
@@ -524,6 +578,8 @@ class KleinPipeline:
                 "num_images": pl.n,
                 "references": [list(r.size) for r in pl.refs],
                 "dtype": str(self.dtype).removeprefix("torch."),
+                "quant": self.quant,
+                "loras": [{"name": x["name"], "scale": x["scale"]} for x in self.loras],
                 "device": str(self.device),
                 "seconds": seconds,
                 "timings": {k: round(v, 4) for k, v in timings.items()},

@@ -142,9 +142,12 @@ class LatentCache:
         return torch.stack([self.store[s] for s in scenes])
 
 
-def sample_t(n: int, g: torch.Generator, shift: float) -> Tensor:
-    """Logit-normal times, shifted towards noise like the inference schedule for small images."""
+def sample_t(n: int, g: torch.Generator, shift: float, uniform: float = 0.1) -> Tensor:
+    """Logit-normal times shifted towards noise (like the inference schedule), with some uniform ones mixed in
+    so the ends of [0, 1], where shapes get their edges, are trained too."""
     u = torch.sigmoid(torch.randn(n, generator=g))
+    flat = torch.rand(n, generator=g)
+    u = torch.where(torch.rand(n, generator=g) < uniform, flat, u)
     return shift * u / (1 + (shift - 1) * u)
 
 
@@ -243,7 +246,7 @@ def reconstruction_error(ae: AutoEncoder, size: int, seed: int, n: int = 64) -> 
 
 @dataclass
 class FlowArgs:
-    steps: int = 8000
+    steps: int = 10000
     batch: int = 32
     lr: float = 4e-4
     warmup: int = 300
@@ -253,7 +256,7 @@ class FlowArgs:
     mix: tuple[float, float, float] = (0.55, 0.3, 0.15)
     ema: float = 0.999
     save_every: int = 200
-    time_shift: float = 5.0
+    time_shift: float = 2.5
 
 
 def init_dit(model: Flux2Transformer) -> None:

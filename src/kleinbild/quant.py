@@ -1,0 +1,843 @@
+"""Quantized transformer weights: FP8, NVFP4 and int8, read from and written to the official single-file layout.
+
+Formats (one linear layer `X`; every other tensor of the file stays as it is, usually bf16):
+
+* **fp8**: `X.weight` float8_e4m3fn, `X.weight_scale` fp32 (per tensor; a per-row vector is also read), optional
+  `X.input_scale` fp32; value = fp8 * weight_scale.
+* **nvfp4**: `X.weight` uint8 (N, K/2), two FP4 E2M1 codes per byte, **the first of each pair in the high nibble**;
+  `X.weight_scale` float8_e4m3fn, one per 16 consecutive weights along K, stored in cuBLAS' tiled block-scale layout
+  (128x4 tiles, shape (roundup(N, 128), roundup(K/16, 4))); `X.weight_scale_2` fp32 per tensor; optional
+  `X.input_scale` fp32; value = e2m1 * weight_scale * weight_scale_2. This is the layout of BFL's NVFP4 files (the
+  ComfyUI / comfy-kitchen "TensorCoreNVFP4Layout"); in memory kleinbild keeps PyTorch's convention instead (first
+  element in the low nibble, scales row-major (N, K/16)), which its Blackwell path hands to `torch._scaled_mm`.
+* **int8** (kleinbild's own, per output channel): `X.weight` int8, `X.weight_scale` fp32 (N,); value = int8 * scale.
+
+Each quantized layer also carries `X.comfy_quant`, a uint8 tensor holding JSON such as `{"format": "nvfp4"}`, which
+is how ComfyUI-style files mark their quantized layers.
+
+Compute: `QuantLinear` uses the hardware's own kernel where there is one (FP8 `_scaled_mm` on CUDA >= sm_89, NVFP4
+`_scaled_mm` on sm_100+, int8 `_int_mm` with per-token int8 activations on CPU and CUDA); anywhere else it
+dequantizes its weight just in time for the matmul and drops it afterwards, so weight memory stays at the quantized
+size. A native kernel is checked once per process against the dequantized result and abandoned (with a warning) if
+it disagrees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+FORMATS: tuple[str, ...] = ("fp8", "nvfp4", "int8")
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+BLOCK = 16  # NVFP4 weights per block scale
+# The format names the per-layer `comfy_quant` marker uses.
+_MARKER = {"fp8": "float8_e4m3fn", "nvfp4": "nvfp4", "int8": "int8_rowwise"}
+_FROM_MARKER = {v: k for k, v in _MARKER.items()}
+_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "comfy_quant", "scale_weight", "scale_input")
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# Midpoints between neighbouring E2M1 magnitudes; a value on one rounds to the even code (round half to even).
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+# ---------------------------------------------------------------- E2M1 and nibble packing
+
+
+def e2m1_decode(codes: Tensor) -> Tensor:
+    """4-bit E2M1 codes (uint8 0..15: sign bit 3, exponent bits 2-1, mantissa bit 0) -> float32 values."""
+    lut = torch.tensor(_E2M1 + tuple(-v for v in _E2M1), dtype=torch.float32, device=codes.device)
+    return lut[codes.long()]
+
+
+def e2m1_encode(x: Tensor) -> Tensor:
+    """Round to the nearest E2M1 value (ties to the even code, magnitudes above 6 saturate) -> uint8 codes 0..15."""
+    a = x.float().abs().clamp(max=FP4_MAX)
+    mids = torch.tensor(_E2M1_MIDPOINTS, dtype=torch.float32, device=x.device)
+    code = torch.bucketize(a, mids, right=True)  # ties land on the upper code here ...
+    below = (code - 1).clamp(min=0)
+    tie = (code > 0) & (a == mids[below]) & (below % 2 == 0)  # ... and go back down where the lower code is even
+    code = code - tie.long()
+    return (code | (torch.signbit(x).long() << 3)).to(torch.uint8)
+
+
+def pack_fp4(codes: Tensor, hi_first: bool = False) -> Tensor:
+    """(..., K) codes -> (..., K/2) bytes. hi_first: element 2i in the high nibble (BFL/ComfyUI files); otherwise in
+    the low nibble (PyTorch's float4_e2m1fn_x2)."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"FP4 packing needs an even last dimension, got {tuple(codes.shape)}")
+    even, odd = codes[..., 0::2].to(torch.uint8), codes[..., 1::2].to(torch.uint8)
+    return (even << 4 | odd) if hi_first else (odd << 4 | even)
+
+
+def unpack_fp4(packed: Tensor, hi_first: bool = False) -> Tensor:
+    """The inverse of `pack_fp4`: (..., K/2) bytes -> (..., K) codes."""
+    hi, lo = packed >> 4, packed & 0x0F
+    first, second = (hi, lo) if hi_first else (lo, hi)
+    return torch.stack([first, second], dim=-1).flatten(-2)
+
+
+def swap_nibbles(packed: Tensor) -> Tensor:
+    """Converts between the two nibble orders."""
+    return (packed << 4) | (packed >> 4)
+
+
+def _roundup(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def swizzle_block_scales(scales: Tensor) -> Tensor:
+    """Row-major (R, C) block scales -> cuBLAS' tiled layout, shape (roundup(R, 128), roundup(C, 4)), zero padded.
+
+    Scale (r, c) lands at flat position ((r // 128 * C4 + c // 4) * 32 + r % 32) * 16 + (r % 128 // 32) * 4 + c % 4,
+    with C4 = roundup(C, 4) / 4 (the "128x4 -> 32x16" layout of the cuBLAS block-scaling docs).
+    """
+    r, c = scales.shape
+    rp, cp = _roundup(r, 128), _roundup(c, 4)
+    raw = scales.view(torch.uint8) if scales.dtype == torch.float8_e4m3fn else scales
+    pad = torch.zeros((rp, cp), dtype=raw.dtype, device=raw.device)
+    pad[:r, :c] = raw
+    tiles = pad.view(rp // 128, 128, cp // 4, 4).permute(0, 2, 1, 3)
+    out = tiles.reshape(-1, 4, 32, 4).transpose(1, 2).reshape(rp, cp)
+    return out.view(scales.dtype) if scales.dtype == torch.float8_e4m3fn else out
+
+
+def unswizzle_block_scales(tiled: Tensor, rows: int, cols: int) -> Tensor:
+    """The inverse of `swizzle_block_scales`, cropped to (rows, cols)."""
+    rp, cp = tiled.shape
+    if rp % 128 or cp % 4 or rp < rows or cp < cols:
+        raise ValueError(f"block scales of shape {(rp, cp)} are not a tiled layout for {rows}x{cols} scales")
+    raw = tiled.view(torch.uint8) if tiled.dtype == torch.float8_e4m3fn else tiled
+    x = raw.reshape(-1, 32, 4, 4).transpose(1, 2).reshape(rp // 128, cp // 4, 128, 4).permute(0, 2, 1, 3)
+    out = x.reshape(rp, cp)[:rows, :cols].contiguous()
+    return out.view(tiled.dtype) if tiled.dtype == torch.float8_e4m3fn else out
+
+
+# ---------------------------------------------------------------- quantized weights
+
+
+@dataclass
+class QuantWeight:
+    """One quantized (N, K) weight in kleinbild's in-memory convention.
+
+    fp8: data float8_e4m3fn (N, K), scale fp32 () or (N,). nvfp4: data uint8 (N, K/2) low nibble first, block_scale
+    float8_e4m3fn (N, K/16) row-major, scale fp32 (). int8: data int8 (N, K), scale fp32 (N,).
+    """
+
+    format: str
+    shape: tuple[int, int]
+    data: Tensor
+    scale: Tensor
+    block_scale: Tensor | None = None
+    input_scale: Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.data, self.scale, self.block_scale, self.input_scale) if t is not None]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def to(self, device: torch.device | str) -> QuantWeight:
+        def mv(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return QuantWeight(self.format, self.shape, mv(self.data), mv(self.scale), mv(self.block_scale),
+                           mv(self.input_scale), dict(self.extra))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        n, k = self.shape
+        if self.format == "fp8":
+            s = self.scale.float()
+            w = self.data.float() * (s[:, None] if s.ndim == 1 else s)
+        elif self.format == "int8":
+            w = self.data.float() * self.scale.float()[:, None]
+        elif self.format == "nvfp4":
+            assert self.block_scale is not None
+            vals = e2m1_decode(unpack_fp4(self.data)).view(n, k // BLOCK, BLOCK)
+            total = self.block_scale.float() * self.scale.float()
+            w = (vals * total[..., None]).view(n, k)
+        else:
+            raise ValueError(f"unknown quantization format {self.format!r}")
+        return w.to(dtype)
+
+
+def check_format(fmt: str) -> str:
+    f = str(fmt).strip().lower()
+    if f not in FORMATS:
+        raise ValueError(f"unknown quantization format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    return f
+
+
+def quantize_weight(w: Tensor, fmt: str) -> QuantWeight:
+    """Quantize one (N, K) weight. Computed in float32 on w's device."""
+    fmt = check_format(fmt)
+    if w.ndim != 2:
+        raise ValueError(f"only 2-D (linear) weights are quantized, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    wf = w.detach().float()
+    if fmt == "fp8":
+        amax = wf.abs().max()
+        s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        data = (wf / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return QuantWeight("fp8", (n, k), data, s.reshape(()))
+    if fmt == "int8":
+        amax = wf.abs().amax(dim=1)
+        s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        data = torch.round(wf / s[:, None]).clamp(-127, 127).to(torch.int8)
+        return QuantWeight("int8", (n, k), data, s)
+    if k % BLOCK:
+        raise ValueError(f"NVFP4 needs the input dimension to be a multiple of {BLOCK}, got {k}")
+    amax = wf.abs().max()
+    g = torch.where(amax > 0, amax / (FP8_MAX * FP4_MAX), torch.ones_like(amax))
+    blocks = wf.view(n, k // BLOCK, BLOCK)
+    bscale = (blocks.abs().amax(dim=-1) / FP4_MAX / g).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
+    total = bscale.float() * g
+    scaled = blocks / torch.where(total > 0, total, torch.ones_like(total))[..., None]
+    codes = e2m1_encode(scaled.clamp(-FP4_MAX, FP4_MAX)).view(n, k)
+    return QuantWeight("nvfp4", (n, k), pack_fp4(codes), g.reshape(()), bscale)
+
+
+# ---------------------------------------------------------------- the layer
+
+
+_NATIVE_ENABLED = {f: os.environ.get("KLEINBILD_QUANT_NATIVE", "1") not in ("0", "false", "no") for f in FORMATS}
+_NATIVE_VERIFIED: dict[tuple[str, str], bool] = {}
+# Relative error (L2) a native kernel may show against the dequantized matmul before it is abandoned: it also
+# quantizes the activations (8 bits, or 4 bits for NVFP4), which a wrong layout would exceed many times over.
+_NATIVE_TOLERANCE = {"fp8": 0.08, "int8": 0.08, "nvfp4": 0.35}
+
+
+def set_native(fmt: str, enabled: bool) -> None:
+    """Allow or forbid a format's native kernel (then its layers always dequantize just in time)."""
+    _NATIVE_ENABLED[check_format(fmt)] = bool(enabled)
+
+
+def native_kernel(fmt: str, device: torch.device) -> str | None:
+    """Which native kernel a format would use on `device`, or None (dequantize just in time)."""
+    if not _NATIVE_ENABLED.get(fmt, False):
+        return None
+    if fmt == "int8" and device.type in ("cpu", "cuda") and hasattr(torch, "_int_mm"):
+        return "int8 _int_mm (per-token int8 activations)"
+    if device.type == "cuda" and torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability(device)
+        if fmt == "fp8" and cap >= (8, 9) and hasattr(torch, "_scaled_mm"):
+            return "fp8 _scaled_mm (per-tensor fp8 activations)"
+        if fmt == "nvfp4" and cap >= (10, 0) and hasattr(torch, "float4_e2m1fn_x2"):
+            return "nvfp4 _scaled_mm (nvfp4 activations)"
+    return None
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear layer with a quantized weight. Its tensors are non-persistent buffers, so the strict loader
+    sees only the model's other tensors."""
+
+    def __init__(self, qw: QuantWeight):
+        super().__init__()
+        self.format = qw.format
+        self.out_features, self.in_features = qw.shape
+        self.extra = dict(qw.extra)
+        self.register_buffer("qdata", qw.data, persistent=False)
+        self.register_buffer("qscale", qw.scale, persistent=False)
+        self.register_buffer("qblock", qw.block_scale, persistent=False)
+        self.register_buffer("qinput", qw.input_scale, persistent=False)
+        self._swizzled: Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, format={self.format}"
+
+    def quant_weight(self) -> QuantWeight:
+        return QuantWeight(self.format, (self.out_features, self.in_features), self.qdata, self.qscale, self.qblock,
+                           self.qinput, dict(self.extra))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.quant_weight().dequantize(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel = native_kernel(self.format, x.device)
+        if kernel is not None and x.numel() > 0:
+            key = (self.format, str(x.device))
+            ok = _NATIVE_VERIFIED.get(key)
+            if ok is None:
+                ok = self._verify_native(x, key, kernel)
+            if ok:
+                try:
+                    return self._native(x)
+                except (RuntimeError, TypeError, ValueError) as e:  # a shape the kernel does not take: fall back
+                    log.debug("native %s kernel declined %s: %s", self.format, tuple(x.shape), e)
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def _verify_native(self, x: Tensor, key: tuple[str, str], kernel: str) -> bool:
+        """Compare the native kernel with the dequantized matmul once per process, format and device."""
+        try:
+            got = self._native(x).float()
+        except (RuntimeError, TypeError, ValueError) as e:
+            log.warning("%s: native kernel unavailable (%s); dequantizing instead", kernel, e)
+            _NATIVE_VERIFIED[key] = False
+            return False
+        want = F.linear(x.float(), self.dequantize(torch.float32))
+        err = float((got - want).norm() / want.norm().clamp_min(1e-12))
+        ok = math.isfinite(err) and err < _NATIVE_TOLERANCE[self.format]
+        if ok:
+            log.info("%s verified against the dequantized matmul (relative error %.4f)", kernel, err)
+        else:
+            log.warning("%s disagrees with the dequantized matmul (relative error %.3g); dequantizing instead",
+                        kernel, err)
+        _NATIVE_VERIFIED[key] = ok
+        return ok
+
+    def _native(self, x: Tensor) -> Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        if self.format == "int8":
+            xf = x2.float()
+            sx = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+            xq = torch.round(xf / sx).to(torch.int8)
+            y = torch._int_mm(xq, self.qdata.t()).float() * sx * self.qscale.float()[None, :]
+        elif self.format == "fp8":
+            xf = x2.float()
+            sx = (xf.abs().max().clamp_min(1e-12) / FP8_MAX).reshape(())
+            xq = (xf / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            sw = self.qscale.float()
+            if sw.ndim:
+                raise ValueError("per-row fp8 weight scales take the dequantize path")
+            y = torch._scaled_mm(xq, self.qdata.t(), scale_a=sx, scale_b=sw.reshape(()), out_dtype=torch.float32)
+        else:
+            y = self._native_nvfp4(x2)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _native_nvfp4(self, x2: Tensor) -> Tensor:
+        assert self.qblock is not None
+        xq = quantize_weight(x2, "nvfp4")
+        assert xq.block_scale is not None
+        if self._swizzled is None:
+            self._swizzled = swizzle_block_scales(self.qblock).flatten()
+        y = torch._scaled_mm(
+            xq.data.view(torch.float4_e2m1fn_x2),
+            self.qdata.view(torch.float4_e2m1fn_x2).t(),
+            scale_a=swizzle_block_scales(xq.block_scale).flatten(),
+            scale_b=self._swizzled,
+            out_dtype=torch.float32,
+        )
+        return y * (xq.scale.float() * self.qscale.float())
+
+
+# ---------------------------------------------------------------- which layers, and whole models
+
+
+def default_quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """The layers BFL's quantized files quantize: the blocks' linears (qkv, proj, MLP, linear1/2), except the attention
+    output projections of double block 0. Embeddings, modulations and the final layer stay in the model dtype."""
+    if len(shape) != 2 or not name.endswith(".weight"):
+        return False
+    m = re.match(r"(double_blocks|single_blocks)\.(\d+)\.(.+)\.weight$", name)
+    if not m:
+        return False
+    kind, idx, rest = m.groups()
+    if kind == "single_blocks":
+        return rest in ("linear1", "linear2")
+    if rest in ("img_attn.proj", "txt_attn.proj") and idx == "0":
+        return False
+    return rest in ("img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
+                    "txt_mlp.0", "txt_mlp.2")
+
+
+def quantize_state(
+    state: dict[str, Tensor],
+    fmt: str,
+    device: torch.device | str | None = None,
+    which: Callable[[str, tuple[int, ...]], bool] = default_quantizable,
+) -> dict[str, QuantWeight]:
+    """Quantize the selected weights of an official-named state dict in place: each quantized weight is popped from
+    `state` (so its full-precision copy can be freed) and returned under its module name. Work happens on `device`
+    (default: where the tensor is), one layer at a time."""
+    fmt = check_format(fmt)
+    out: dict[str, QuantWeight] = {}
+    for key in [k for k in state if which(k, tuple(state[k].shape))]:
+        w = state[key]
+        if fmt == "nvfp4" and (w.shape[1] % BLOCK or w.shape[0] % BLOCK):
+            continue  # not block-aligned: stays full precision, as in the official files
+        w = state.pop(key)
+        out[key.removesuffix(".weight")] = quantize_weight(w.to(device) if device is not None else w, fmt)
+    return out
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    (root.get_submodule(parent) if parent else root)._modules[leaf] = module
+
+
+def install(model: nn.Module, layers: Mapping[str, QuantWeight], device: torch.device | str) -> None:
+    """Replace each named nn.Linear of `model` (meta-built or real) by a QuantLinear holding its quantized weight."""
+    problems = []
+    for name, qw in layers.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name}: no such layer in the model")
+            continue
+        if not isinstance(old, nn.Linear) or old.bias is not None:
+            problems.append(f"{name}: is a {type(old).__name__}, not a bias-free linear layer")
+        elif (old.out_features, old.in_features) != qw.shape:
+            problems.append(f"{name}: quantized weight {qw.shape} vs model {(old.out_features, old.in_features)}")
+    if problems:
+        raise ValueError("quantized layers do not match the model: " + "; ".join(problems[:8]))
+    for name, qw in layers.items():
+        _set_module(model, name, QuantLinear(qw.to(device)))
+
+
+def prepare_quantized(model: nn.Module, state: dict[str, Tensor], quant: str | None,
+                      device: torch.device | str) -> str | None:
+    """Before strict loading: take the file's quantized layers (and, with `quant`, quantize the rest of the selected
+    layers) out of `state` and install them in the meta-built `model`. Returns the format in use, or None."""
+    layers = from_file_tensors(state)
+    in_file = sorted({qw.format for qw in layers.values()})
+    if quant is not None:
+        quant = check_format(quant)
+        if in_file and in_file != [quant]:
+            raise ValueError(
+                f"the transformer file is already quantized ({', '.join(in_file)}); load it without --quant, "
+                f"or quantize the bf16 original to {quant}"
+            )
+        layers.update(quantize_state(state, quant, device=device))
+    if not layers:
+        return None
+    install(model, layers, device)
+    return quant or "+".join(in_file)
+
+
+def quantize_model(model: nn.Module, fmt: str,
+                   which: Callable[[str, tuple[int, ...]], bool] = default_quantizable) -> int:
+    """Quantize a loaded model's selected linear layers in place; returns how many were quantized."""
+    fmt = check_format(fmt)
+    n = 0
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and mod.bias is None and which(name + ".weight", tuple(mod.weight.shape)):
+            if fmt == "nvfp4" and (mod.in_features % BLOCK or mod.out_features % BLOCK):
+                continue
+            _set_module(model, name, QuantLinear(quantize_weight(mod.weight, fmt)))
+            n += 1
+    return n
+
+
+def estimate_bytes(model: nn.Module, fmt: str | None, dtype: torch.dtype = torch.bfloat16,
+                   which: Callable[[str, tuple[int, ...]], bool] = default_quantizable) -> int:
+    """Weight bytes `model` (meta-built is fine) would hold with its selected linears in `fmt` (None: none), the rest
+    in `dtype`: the arithmetic behind the measured numbers, for architectures too big to build here."""
+    per = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for name, p in model.named_parameters():
+        shape = tuple(p.shape)
+        n, k = (shape + (0, 0))[:2]
+        if fmt is None or not which(name, shape) or (fmt == "nvfp4" and (n % BLOCK or k % BLOCK)):
+            total += p.numel() * per
+        elif fmt == "fp8":
+            total += n * k + 4
+        elif fmt == "int8":
+            total += n * k + 4 * n
+        else:
+            total += n * k // 2 + n * k // BLOCK + 4
+    return total + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (quantized ones included) the model holds."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def quant_summary(model: nn.Module) -> dict[str, int]:
+    """How many layers of each format a model holds."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            out[m.format] = out.get(m.format, 0) + 1
+    return out
+
+
+# ---------------------------------------------------------------- the file layout
+
+
+def strip_prefix(key: str) -> str:
+    for p in _PREFIXES:
+        if key.startswith(p):
+            return key[len(p):]
+    return key
+
+
+def _marker(fmt: str) -> Tensor:
+    return torch.tensor(list(json.dumps({"format": _MARKER[fmt]}).encode()), dtype=torch.uint8)
+
+
+def _read_marker(t: Tensor, name: str) -> str:
+    try:
+        conf = json.loads(bytes(t.to(torch.uint8).tolist()).decode("utf-8"))
+        marker = conf["format"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{name}.comfy_quant is not a JSON object with a 'format'") from None
+    if marker not in _FROM_MARKER:
+        raise ValueError(
+            f"layer {name} uses quantization format {marker!r}; kleinbild reads {sorted(_FROM_MARKER)} "
+            "(fp8, nvfp4, int8 per row)"
+        )
+    return _FROM_MARKER[marker]
+
+
+def to_file_tensors(name: str, qw: QuantWeight) -> dict[str, Tensor]:
+    """The tensors one quantized layer is stored as (see the module docstring)."""
+    out = {f"{name}.comfy_quant": _marker(qw.format)}
+    if qw.format == "nvfp4":
+        assert qw.block_scale is not None
+        out[f"{name}.weight"] = swap_nibbles(qw.data)
+        out[f"{name}.weight_scale"] = swizzle_block_scales(qw.block_scale)
+        out[f"{name}.weight_scale_2"] = qw.scale.float().reshape(())
+    else:
+        out[f"{name}.weight"] = qw.data
+        out[f"{name}.weight_scale"] = qw.scale.float()
+    if qw.input_scale is not None:
+        out[f"{name}.input_scale"] = qw.input_scale.float()
+    return {k: v.contiguous().cpu() for k, v in out.items()}
+
+
+def _detect(name: str, state: Mapping[str, Tensor]) -> str | None:
+    """The format of layer `name` in a file without markers, from its tensors' dtypes."""
+    w = state.get(f"{name}.weight")
+    if w is None:
+        return None
+    has_scale = f"{name}.weight_scale" in state or f"{name}.scale_weight" in state
+    if w.dtype == torch.float8_e4m3fn and has_scale:
+        return "fp8"
+    if w.dtype == torch.uint8 and f"{name}.weight_scale_2" in state:
+        return "nvfp4"
+    if w.dtype == torch.int8 and has_scale:
+        return "int8"
+    return None
+
+
+def from_file_tensors(state: dict[str, Tensor]) -> dict[str, QuantWeight]:
+    """Pop every quantized layer's tensors out of an official-named state dict (prefixes already stripped) and
+    return them as QuantWeights by module name. Plain tensors stay in `state`."""
+    names = {k.rsplit(".", 1)[0] for k in state if k.endswith((".comfy_quant", ".weight_scale_2", ".weight_scale",
+                                                              ".scale_weight"))}
+    layers: dict[str, QuantWeight] = {}
+    for name in sorted(names):
+        fmt = _read_marker(state[f"{name}.comfy_quant"], name) if f"{name}.comfy_quant" in state else None
+        fmt = fmt or _detect(name, state)
+        if fmt is None:
+            continue
+        w = state.get(f"{name}.weight")
+        if w is None or w.ndim != 2:
+            raise ValueError(f"quantized layer {name} has no 2-D weight tensor")
+        scale = state.get(f"{name}.weight_scale", state.get(f"{name}.scale_weight"))
+        if scale is None:
+            raise ValueError(f"quantized layer {name} ({fmt}) has no weight_scale")
+        input_scale = state.get(f"{name}.input_scale", state.get(f"{name}.scale_input"))
+        if fmt == "fp8":
+            if w.dtype != torch.float8_e4m3fn:
+                raise ValueError(f"{name}.weight is {w.dtype}; an fp8 layer stores float8_e4m3fn")
+            n = w.shape[0]
+            s = scale.float()
+            if s.numel() == 1:
+                s = s.reshape(())
+            elif s.numel() == n:
+                s = s.reshape(n)
+            else:
+                raise ValueError(f"{name}.weight_scale has shape {tuple(scale.shape)}: expected one value or {n}")
+            qw = QuantWeight("fp8", tuple(w.shape), w, s)
+        elif fmt == "int8":
+            if w.dtype != torch.int8 or scale.numel() != w.shape[0]:
+                raise ValueError(f"{name}: an int8 layer stores an int8 weight and one fp32 scale per output row")
+            qw = QuantWeight("int8", tuple(w.shape), w, scale.float().reshape(-1))
+        else:
+            if w.dtype != torch.uint8:
+                raise ValueError(f"{name}.weight is {w.dtype}; an nvfp4 layer stores packed uint8")
+            n, k = w.shape[0], w.shape[1] * 2
+            scale2 = state.get(f"{name}.weight_scale_2")
+            if scale2 is None or scale2.numel() != 1:
+                raise ValueError(f"{name}: an nvfp4 layer needs a per-tensor weight_scale_2")
+            if scale.dtype != torch.float8_e4m3fn:
+                raise ValueError(f"{name}.weight_scale is {scale.dtype}; nvfp4 block scales are float8_e4m3fn")
+            rows, cols = n, k // BLOCK
+            if tuple(scale.shape) == (_roundup(rows, 128), _roundup(cols, 4)):
+                block = unswizzle_block_scales(scale, rows, cols)
+            elif tuple(scale.shape) == (rows, cols):
+                block = scale.contiguous()  # only reachable when the tiled shape differs: row-major scales
+            else:
+                raise ValueError(
+                    f"{name}.weight_scale has shape {tuple(scale.shape)}; for a {n}x{k} weight expected the tiled "
+                    f"{(_roundup(rows, 128), _roundup(cols, 4))} or row-major {(rows, cols)}"
+                )
+            qw = QuantWeight("nvfp4", (n, k), swap_nibbles(w), scale2.float().reshape(()), block)
+            state.pop(f"{name}.weight_scale_2", None)
+        qw.input_scale = None if input_scale is None else input_scale.float().reshape(())
+        for suffix in ("weight", *_SUFFIXES):
+            state.pop(f"{name}.{suffix}", None)
+        layers[name] = qw
+    return layers
+
+
+def logical_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a (possibly quantized) official file as the unquantized model has them: scale and marker
+    tensors dropped, packed NVFP4 weights at their full width, ComfyUI prefixes stripped. Reads headers only."""
+    from safetensors import safe_open
+
+    raw: dict[str, tuple[tuple[int, ...], str]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                sl = fh.get_slice(k)
+                raw[strip_prefix(k)] = (tuple(sl.get_shape()), sl.get_dtype())
+    out = {}
+    for k, (shape, dtype) in raw.items():
+        name, _, leaf = k.rpartition(".")
+        if leaf in _SUFFIXES:
+            continue
+        if leaf == "weight" and dtype == "U8" and f"{name}.weight_scale_2" in raw and len(shape) == 2:
+            shape = (shape[0], shape[1] * 2)
+        out[k] = shape
+    return out
+
+
+def save_quantized(
+    state: Mapping[str, Tensor],
+    path: Path | str,
+    fmt: str,
+    which: Callable[[str, tuple[int, ...]], bool] = default_quantizable,
+    dtype: torch.dtype | None = torch.bfloat16,
+    metadata: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Write an official-named transformer state dict as a quantized single file (the layout above); the tensors that
+    are not quantized are stored in `dtype` (None: as they are). Returns a summary (layers, bytes)."""
+    from safetensors.torch import save_file
+
+    fmt = check_format(fmt)
+    plain = dict(state)
+    t0 = time.perf_counter()
+    layers = quantize_state(plain, fmt, which=which)
+    out: dict[str, Tensor] = {}
+    for name, qw in layers.items():
+        out.update(to_file_tensors(name, qw))
+    for k, v in plain.items():
+        keep = dtype is None or not v.is_floating_point() or v.dtype == torch.float8_e4m3fn
+        out[k] = (v if keep else v.to(dtype)).contiguous().cpu()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    meta = {"format": "pt", "kleinbild_quant": fmt, **(metadata or {})}
+    save_file(out, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return {"format": fmt, "layers": len(layers), "bytes": path.stat().st_size, "seconds": time.perf_counter() - t0}
+
+
+def load_quantized_file(path: Path | str) -> tuple[dict[str, Tensor], dict[str, QuantWeight]]:
+    """(plain tensors, quantized layers) of a single file, prefixes stripped."""
+    from safetensors.torch import load_file
+
+    state = {strip_prefix(k): v for k, v in load_file(str(path)).items()}
+    layers = from_file_tensors(state)
+    return state, layers
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def relative_error(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def psnr(a: Any, b: Any) -> float:
+    """PSNR in dB of two uint8 images (PIL or arrays); inf when identical."""
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def matmul_report(n: int = 9216, k: int = 3072, m: int = 256, seed: int = 0, repeats: int = 3) -> dict[str, Any]:
+    """Per-format matmul error (vs float64 on the unquantized weight) and CPU time of one (m x k) @ (k x n) layer
+    against bf16 F.linear, on this machine's current thread setting."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    x = torch.randn(m, k, generator=g)
+    ref = x.double() @ w.double().t()
+
+    def best(fn: Callable[[], Tensor]) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    wb, xb = w.bfloat16(), x.bfloat16()
+    res: dict[str, Any] = {"shape": [m, k, n], "threads": torch.get_num_threads(),
+                           "bf16": {"error": relative_error(F.linear(xb, wb).float(), ref),
+                                    "seconds": best(lambda: F.linear(xb, wb))}}
+    with torch.inference_mode():
+        for fmt in FORMATS:
+            layer = QuantLinear(quantize_weight(w, fmt))
+            dq = layer.dequantize(torch.float32)
+            entry: dict[str, Any] = {
+                "weight_error": relative_error(dq, w),
+                "matmul_error_dequant": relative_error(F.linear(x, dq), ref),
+                "kernel": native_kernel(fmt, x.device) or "dequantize just in time",
+                "seconds": best(lambda layer=layer: layer(xb)),
+                "bytes": layer.quant_weight().nbytes(),
+            }
+            entry["matmul_error"] = relative_error(layer(xb).float(), ref)
+            res[fmt] = entry
+    res["bf16"]["bytes"] = n * k * 2
+    return res
+
+
+def read_transformer(model: str | Path) -> dict[str, Tensor]:
+    """The transformer of a model (a .safetensors file in official or diffusers naming, a diffusers folder, a preset
+    or a repo id) as an official-named state dict, without loading anything else."""
+    from safetensors.torch import load_file
+
+    from kleinbild.convert import dit_from_diffusers, is_diffusers_dit
+    from kleinbild.loading import dit_state, locate
+
+    p = Path(model).expanduser()
+    if p.is_file():
+        state = {strip_prefix(k): v for k, v in load_file(str(p)).items()}
+        return dit_from_diffusers(state) if is_diffusers_dit(set(state)) else state
+    if p.is_dir():
+        from kleinbild.loading import read_tensors, safetensors_files
+
+        # Only the transformer is read: a diffusers pipeline folder, or its transformer/ folder itself.
+        folder = p / "transformer" if (p / "transformer").is_dir() else p
+        if list(folder.glob("diffusion_pytorch_model*.safetensors")):
+            return dit_from_diffusers(read_tensors(safetensors_files(folder, "diffusion_pytorch_model")))
+    return dit_state(locate(model))
+
+
+def quantize_file(model: str | Path, out: str | Path, fmt: str,
+                  dtype: torch.dtype | None = torch.bfloat16) -> dict[str, Any]:
+    """`kleinbild quantize`: write `model`'s transformer as a quantized official single file (the layers that stay
+    unquantized in `dtype`, as the official files have them; None keeps the source dtype)."""
+    state = read_transformer(model)
+    already = from_file_tensors(dict(state))
+    if already:
+        raise ValueError(f"{model} is already quantized ({sorted({q.format for q in already.values()})}); "
+                         "quantize the bf16 original instead")
+    return save_quantized(state, out, fmt, dtype=dtype, metadata={"kleinbild_source": str(model)})
+
+
+def memory_report(model: str | Path, formats: Iterable[str] = FORMATS) -> dict[str, Any]:
+    """Weight bytes of the transformer as loaded in bf16 and in each format (tensors actually held by the module)."""
+    from kleinbild.config import DiTConfig
+    from kleinbild.loading import load_into
+    from kleinbild.transformer import Flux2Transformer
+
+    res: dict[str, Any] = {"model": str(model)}
+    cfg = None
+    for fmt in ("bfloat16", *formats):
+        state = read_transformer(model)
+        if from_file_tensors(dict(state)):
+            raise ValueError(f"{model} is already quantized; measure from the bf16 original")
+        cfg = cfg or DiTConfig.from_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()})
+        with torch.device("meta"):
+            dit = Flux2Transformer(cfg)
+        prepare_quantized(dit, state, None if fmt == "bfloat16" else fmt, "cpu")
+        load_into(dit, state, f"transformer {model}", torch.device("cpu"), torch.bfloat16)
+        del state
+        res[fmt] = {"bytes": weight_bytes(dit), "layers": quant_summary(dit)}
+        del dit
+    base = res["bfloat16"]["bytes"]
+    for fmt in formats:
+        res[fmt]["ratio"] = round(res[fmt]["bytes"] / base, 4)
+    return res
+
+
+def quality_report(model: str = "nano", formats: Iterable[str] = FORMATS, n: int = 20, seed: int = 0,
+                   tasks: Iterable[str] = ("single", "double", "edit", "compose", "held_out"),
+                   device: str | None = None) -> dict[str, Any]:
+    """Against the bf16 pipeline: PSNR of each format's images (same prompts and seeds: the shapes eval set) and the
+    eval score of each (the analyser's "all right" rate over `tasks`). For the shapes-world (nano) models."""
+    from kleinbild import shapes
+    from kleinbild.evaluate import evaluate
+    from kleinbild.pipeline import KleinPipeline
+
+    tasks = list(tasks)
+
+    def images(pipe: Any) -> list[Any]:
+        out = []
+        size = pipe.preset.default_size
+        for task in tasks:
+            for i, ex in enumerate(shapes.eval_set(task, n, seed)):
+                refs = [shapes.render(s, size) for s in ex.sources]
+                out.append(pipe.generate(ex.prompt, refs or None, width=size, height=size, seed=seed + i).images[0])
+        return out
+
+    def score(pipe: Any) -> float:
+        rep = evaluate(pipe, tasks, n=n, seed=seed)
+        return sum(r.score * len(r.samples) for r in rep.results.values()) / sum(len(r.samples)
+                                                                                for r in rep.results.values())
+
+    ref_pipe = KleinPipeline.from_pretrained(model, dtype="bfloat16", device=device)
+    ref = images(ref_pipe)
+    res: dict[str, Any] = {"model": model, "n_images": len(ref), "bfloat16": {"score": score(ref_pipe)}}
+    del ref_pipe
+    for fmt in formats:
+        pipe = KleinPipeline.from_pretrained(model, dtype="bfloat16", device=device, quant=fmt)
+        got = images(pipe)
+        vals = [psnr(a, b) for a, b in zip(got, ref, strict=True)]
+        finite = [v for v in vals if math.isfinite(v)]
+        res[fmt] = {"psnr_mean": round(sum(finite) / len(finite), 2) if finite else float("inf"),
+                    "psnr_min": round(min(vals), 2), "score": score(pipe),
+                    "kernel": native_kernel(fmt, pipe.device) or "dequantize just in time"}
+        res[fmt]["score_delta"] = round(res[fmt]["score"] - res["bfloat16"]["score"], 4)
+        del pipe
+    return res
+
+
+__all__ = [
+    "FORMATS",
+    "QuantLinear",
+    "QuantWeight",
+    "default_quantizable",
+    "e2m1_decode",
+    "e2m1_encode",
+    "from_file_tensors",
+    "install",
+    "load_quantized_file",
+    "logical_shapes",
+    "matmul_report",
+    "native_kernel",
+    "pack_fp4",
+    "psnr",
+    "quant_summary",
+    "quantize_model",
+    "quantize_state",
+    "quantize_weight",
+    "save_quantized",
+    "set_native",
+    "swizzle_block_scales",
+    "to_file_tensors",
+    "unpack_fp4",
+    "unswizzle_block_scales",
+    "weight_bytes",
+]
