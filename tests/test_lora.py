@@ -94,6 +94,8 @@ def test_prefix_and_naming_variants_are_recognised():
         "comfy official": {"diffusion_model.double_blocks.1.txt_attn.proj.lora_down.weight": a,
                            "diffusion_model.double_blocks.1.txt_attn.proj.lora_up.weight": b,
                            "diffusion_model.double_blocks.1.txt_attn.proj.alpha": torch.tensor(4.0)},
+        "comfy checkpoint": {"model.diffusion_model.double_blocks.1.txt_attn.proj.lora_A.weight": a,
+                             "model.diffusion_model.double_blocks.1.txt_attn.proj.lora_B.weight": b * 2},
         "peft raw": {"base_model.model.transformer_blocks.1.attn.to_add_out.lora_A.default.weight": a * 2,
                      "base_model.model.transformer_blocks.1.attn.to_add_out.lora_B.default.weight": b},
         "underscored diffusers": {"lora_unet_transformer_blocks_1_attn_to_add_out.lora_down.weight": a,
@@ -172,6 +174,8 @@ def test_bad_lora_files_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="DoRA"):
         lora.parse_lora({"transformer.proj_out.lora_A.weight": a, "transformer.proj_out.lora_B.weight": b,
                          "transformer.proj_out.lora_magnitude_vector.dora_scale": torch.ones(32)}, dit)
+    with pytest.raises(ValueError, match="full weight difference"):
+        lora.parse_lora({"diffusion_model.final_layer.linear.diff": torch.zeros(32, 32)}, dit)
     with pytest.raises(ValueError, match="holds no tensors"):
         lora.parse_lora({}, dit)
 
@@ -387,3 +391,18 @@ def test_pipeline_loads_loras_at_startup_and_reports_them(tmp_path, pair):
     with pytest.raises(ValueError, match="match no layer"):
         KleinPipeline.from_pretrained(folder, device="cpu", dtype="float32", text_layers=TEXT_LAYERS,
                                       max_text_length=MAX_TEXT, loras=[str(bad)])
+
+
+def test_cli_takes_loras_and_quant_for_every_loading_command():
+    from kleinbild.cli import build_parser
+
+    p = build_parser()
+    g = p.parse_args(["generate", "x", "--lora", "a.safetensors:0.5", "--lora", "b.safetensors", "--quant", "int8",
+                      "--fuse-lora"])
+    assert g.lora == ["a.safetensors:0.5", "b.safetensors"] and g.quant == "int8" and g.fuse_lora
+    s = p.parse_args(["serve", "--lora", "s.safetensors:0.7", "--quant", "fp8"])
+    assert s.lora == ["s.safetensors:0.7"] and s.quant == "fp8"
+    e = p.parse_args(["eval", "--quant", "nvfp4"])
+    assert e.quant == "nvfp4" and e.lora == []
+    with pytest.raises(SystemExit):
+        p.parse_args(["generate", "x", "--quant", "fp4"])

@@ -48,12 +48,12 @@ _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", 
 _KEY = re.compile(r"^(?P<module>.+?)\.(?:(?P<a>lora_A|lora_down)|(?P<b>lora_B|lora_up))(?:\.[A-Za-z0-9_]+)?\.weight$")
 # Markers of adapter types that are not plain LoRA.
 _OTHER_KINDS = {
-    ".lokr_": "LoKr (LyCORIS Kronecker)",
-    ".hada_": "LoHa (LyCORIS Hadamard)",
-    "dora_scale": "DoRA (weight-decomposed LoRA)",
-    ".oft_": "OFT",
-    ".lora_mid.": "LoCon with a mid (Tucker) factor",
-    ".diff": "full weight difference",
+    r"\.lokr_": "LoKr (LyCORIS Kronecker)",
+    r"\.hada_": "LoHa (LyCORIS Hadamard)",
+    r"dora_scale|lora_magnitude_vector": "DoRA (weight-decomposed LoRA)",
+    r"\.oft_": "OFT",
+    r"\.lora_mid\.": "LoCon with a mid (Tucker) factor",
+    r"\.diff(_b)?$": "full weight difference",
 }
 _METADATA_KEY = "lora_adapter_metadata"
 
@@ -224,7 +224,7 @@ def parse_lora(source: LoraSource, model: nn.Module, metadata: Mapping[str, str]
     if not tensors:
         raise ValueError(f"{where} holds no tensors")
     for marker, kind in _OTHER_KINDS.items():
-        hits = [k for k in tensors if marker in k]
+        hits = [k for k in tensors if re.search(marker, k)]
         if hits:
             raise ValueError(
                 f"{where} is a {kind} adapter (e.g. key {hits[0]!r}), which kleinbild does not load; it loads LoRA "

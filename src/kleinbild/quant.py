@@ -280,7 +280,27 @@ class QuantLinear(nn.Module):
                     return self._native(x)
                 except (RuntimeError, TypeError, ValueError) as e:  # a shape the kernel does not take: fall back
                     log.debug("native %s kernel declined %s: %s", self.format, tuple(x.shape), e)
-        return F.linear(x, self.dequantize(x.dtype))
+        return self._just_in_time(x)
+
+    def _just_in_time(self, x: Tensor) -> Tensor:
+        """Matmul with the weight dequantized for this call only.
+
+        In bf16/fp32 the per-tensor (or per-row) scale is applied to the output instead of the weight: fp8 and int8
+        codes, and e2m1 x fp8 block-scale products (at most 6 significant bits), are exact in bf16, so the only
+        rounding is the matmul's own. fp16 could overflow without the scale, so it gets the scaled weight.
+        """
+        if x.dtype not in (torch.bfloat16, torch.float32):
+            return F.linear(x, self.dequantize(x.dtype))
+        if self.format == "nvfp4":
+            assert self.qblock is not None
+            n, k = self.out_features, self.in_features
+            vals = F.embedding(self.qdata.int(), _byte_lut(x.device, x.dtype)).view(n, k // BLOCK, BLOCK)
+            w = (vals * self.qblock.to(x.dtype)[..., None]).view(n, k)
+        else:
+            w = self.qdata.to(x.dtype)
+        y = F.linear(x, w).float()
+        s = self.qscale.float()
+        return (y * s).to(x.dtype)
 
     def _verify_native(self, x: Tensor, key: tuple[str, str], kernel: str) -> bool:
         """Compare the native kernel with the dequantized matmul once per process, format and device."""
@@ -335,6 +355,18 @@ class QuantLinear(nn.Module):
             out_dtype=torch.float32,
         )
         return y * (xq.scale.float() * self.qscale.float())
+
+
+_BYTE_LUTS: dict[tuple[str, torch.dtype], Tensor] = {}
+
+
+def _byte_lut(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(256, 2): the two E2M1 values of each byte, low nibble first (kleinbild's in-memory order)."""
+    key = (str(device), dtype)
+    if key not in _BYTE_LUTS:
+        b = torch.arange(256)
+        _BYTE_LUTS[key] = torch.stack([e2m1_decode(b & 15), e2m1_decode(b >> 4)], dim=-1).to(device, dtype)
+    return _BYTE_LUTS[key]
 
 
 # ---------------------------------------------------------------- which layers, and whole models
