@@ -246,7 +246,7 @@ def reconstruction_error(ae: AutoEncoder, size: int, seed: int, n: int = 64) -> 
 
 @dataclass
 class FlowArgs:
-    steps: int = 10000
+    steps: int = 8000
     batch: int = 32
     lr: float = 4e-4
     warmup: int = 300
@@ -419,11 +419,11 @@ def export_text_encoder(te: Qwen3TextEncoder, tok: PromptTokenizer, preset: Mode
 
 @dataclass
 class DistillArgs:
-    chunks: int = 200  # teacher trajectory batches of `batch` examples each
+    chunks: int = 150  # teacher trajectory batches of `batch` examples each
     batch: int = 32
     substeps: int = 8  # teacher Euler steps inside each student step
     guidance: float = 4.0
-    steps: int = 4000
+    steps: int = 3000
     lr: float = 1e-4
     size: int = 128
     seed: int = 1
