@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_positive_int, help="training steps of the stage (default: the recipe's)")
     t.add_argument("--batch", type=_positive_int, help="batch size (default: the recipe's)")
     t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument("--lr", type=float, help="peak learning rate of the stage (default: the recipe's)")
     t.add_argument("--chunks", type=_positive_int, help="distill: teacher trajectory batches to record")
     t.add_argument("--bundle-to", help="bundle: destination folder (default: the package's weights/nano)")
     lo = t.add_argument_group("LoRA (stages lora, lora-data, lora-eval)")
@@ -296,7 +297,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = get_preset("nano-base")
 
     def with_overrides(cfg):
-        over = {k: v for k, v in (("steps", args.steps), ("batch", args.batch), ("chunks", args.chunks)) if v}
+        given = (("steps", args.steps), ("batch", args.batch), ("chunks", args.chunks), ("lr", args.lr))
+        over = {k: v for k, v in given if v}
         over = {k: v for k, v in over.items() if k in {f.name for f in dataclasses.fields(cfg)}}
         return dataclasses.replace(cfg, seed=args.seed, **over)
 
