@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_positive_int, help="training steps of the stage (default: the recipe's)")
     t.add_argument("--batch", type=_positive_int, help="batch size (default: the recipe's)")
     t.add_argument("--seed", type=_seed, default=0)
-    t.add_argument("--lr", type=float, help="peak learning rate of the stage (default: the recipe's)")
+    t.add_argument("--lr", type=float, help="peak learning rate of the stage (default: the recipe's; lora: 5e-4)")
     t.add_argument("--chunks", type=_positive_int, help="distill: teacher trajectory batches to record")
     t.add_argument("--bundle-to", help="bundle: destination folder (default: the package's weights/nano)")
     lo = t.add_argument_group("LoRA (stages lora, lora-data, lora-eval)")
@@ -108,7 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--out", help="lora: output folder (checkpoints, samples, lora.safetensors)")
     lo.add_argument("--rank", type=_positive_int, default=16)
     lo.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
-    lo.add_argument("--lr", type=float, default=5e-4)
     lo.add_argument("--targets", choices=["blocks", "attn"], default="blocks")
     lo.add_argument("--size", type=_positive_int, help="training side in px (default: the model's default size)")
     lo.add_argument("--save-every", type=_positive_int, default=100)
@@ -392,7 +391,7 @@ def _train_lora(args: argparse.Namespace) -> int:
         return 0
     if not args.data or not args.out:
         raise ValueError("train lora needs --data DIR (captioned images) and --out DIR")
-    fields = dict(rank=args.rank, alpha=args.alpha, lr=args.lr, targets=args.targets, size=args.size,
+    fields = dict(rank=args.rank, alpha=args.alpha, lr=args.lr or 5e-4, targets=args.targets, size=args.size,
                   save_every=args.save_every, sample_prompt=args.sample_prompt, seed=args.seed)
     if args.steps:
         fields["steps"] = args.steps
