@@ -258,7 +258,7 @@ def _peak_rss_gb() -> float:
 
 
 def child(engine: str, folder: str, size: int, steps: int, dtype: str, text_layers: list[int],
-          max_text: int, seed: int) -> dict[str, Any]:
+          max_text: int, seed: int, offload: str = "none", quant: str | None = None) -> dict[str, Any]:
     import torch
 
     t_start = time.perf_counter()
@@ -269,7 +269,7 @@ def child(engine: str, folder: str, size: int, steps: int, dtype: str, text_laye
         from kleinbild.pipeline import KleinPipeline
 
         pipe = KleinPipeline.from_pretrained(folder, device="cpu", dtype=dt, text_layers=tuple(text_layers),
-                                             max_text_length=max_text)
+                                             max_text_length=max_text, offload_mode=offload, quant=quant)
         out["load"] = time.perf_counter() - t_start
         t0 = time.perf_counter()
         res = pipe.generate(PROMPT, width=size, height=size, steps=steps, seed=seed,
@@ -340,6 +340,8 @@ def run(
     repeats: int = 3,
     cache_dir: Path | None = None,
     seed: int = 0,
+    offload: str = "model",
+    quant: str | None = None,
     say: Any = print,
 ) -> dict[str, Any]:
     import torch
@@ -351,7 +353,8 @@ def run(
     cache_dir = cache_dir or Path(os.environ.get("KLEINBILD_BENCH_CACHE", Path.home() / ".cache" / "kleinbild"))
     folder = random_checkpoint(p.name, cache_dir / f"random-{p.name}-seed{seed}", seed, say)
     args = {"folder": str(folder), "size": size, "steps": steps, "dtype": dtype,
-            "text_layers": list(p.text.out_layers), "max_text": p.text.max_length, "seed": seed}
+            "text_layers": list(p.text.out_layers), "max_text": p.text.max_length, "seed": seed,
+            "offload": offload, "quant": quant}
     engines = ["kleinbild"] + ([vs] if vs else [])
     runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
     for r in range(repeats):
@@ -365,6 +368,7 @@ def run(
     flops = dit_flops(p.dit, n_img, p.text.max_length)
     result: dict[str, Any] = {
         "preset": p.name, "size": size, "steps": steps, "dtype": dtype, "threads": threads, "repeats": repeats,
+        "offload": offload, "quant": quant,
         "matmul_gflops": round(rate, 1), "dit_gflop_per_step": round(flops / 1e9, 1), "engines": {},
     }
     for e, rs in runs.items():
@@ -383,7 +387,7 @@ def format_table(res: dict[str, Any]) -> str:
     lines = [
         f"{res['preset']} {res['size']}x{res['size']}, {res['steps']} steps, {res['dtype']}, {res['threads']} threads, "
         f"median of {res['repeats']}; matmul {res['matmul_gflops']:.0f} GFLOP/s, DiT {res['dit_gflop_per_step']:.0f} "
-        "GFLOP/step",
+        f"GFLOP/step; kleinbild offload={res.get('offload')} quant={res.get('quant')}",
         f"{'stage':<22}" + "".join(f"{e:>12}" for e in engines) + ("       ratio" if "ratios" in res else ""),
     ]
     labels = {"load": "load (s)", "text": "text encoding (s)", "step": "DiT step (s)", "decode": "decode (s)",
@@ -400,8 +404,9 @@ def format_table(res: dict[str, Any]) -> str:
 def _main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         a = json.loads(sys.argv[3])
+        opts = {k: a[k] for k in ("offload", "quant") if k in a} if sys.argv[2] == "kleinbild" else {}
         print(json.dumps(child(sys.argv[2], a["folder"], a["size"], a["steps"], a["dtype"], a["text_layers"],
-                               a["max_text"], a["seed"])))
+                               a["max_text"], a["seed"], **opts)))
         return
     raise SystemExit("usage: kleinbild bench ... (this module's own entry point is for child runs)")
 

@@ -33,8 +33,8 @@ _seed = _int_at_least(0, "seed")
 _QUANT_FORMATS = ("fp8", "nvfp4", "int8")
 
 
-def _add_model_extras(p: argparse.ArgumentParser, fuse: bool = True) -> None:
-    """--lora (repeatable) and --quant, shared by the commands that load a model."""
+def _add_model_extras(p: argparse.ArgumentParser, fuse: bool = True, offload: str = "none") -> None:
+    """--lora (repeatable), --quant and --offload, shared by the commands that load a model."""
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA (diffusers/PEFT, kohya/ComfyUI or official keys), scale 1 unless given; "
                    "repeat for several")
@@ -42,6 +42,10 @@ def _add_model_extras(p: argparse.ArgumentParser, fuse: bool = True) -> None:
         p.add_argument("--fuse-lora", action="store_true", help="merge the LoRAs into the weights (faster steps)")
     p.add_argument("--quant", choices=_QUANT_FORMATS,
                    help="quantize the transformer's block linears on load (weight-only; int8 per output channel)")
+    p.add_argument("--offload", choices=("none", "model", "sequential"), default=offload,
+                   help="memory mode: 'model' keeps the text encoder only while encoding (and on a GPU moves each "
+                   "component over for its own stage); 'sequential' streams transformer blocks to the GPU one at "
+                   f"a time (default: {offload})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     g.add_argument("--out", "-o", default="out.png", help="output PNG; with -n > 1 files are NAME-0.png, NAME-1.png")
     g.add_argument("--json", action="store_true", help="print the settings used as JSON on stdout")
-    _add_model_extras(g)
+    _add_model_extras(g, offload="model")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
 
     sub.add_parser("models", help="list the presets and where each is available locally")
@@ -89,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--vs", choices=["diffusers"], help="also run diffusers' Flux2KleinPipeline, alternating")
     b.add_argument("--repeats", type=_positive_int, default=3)
     b.add_argument("--cache-dir", help="where random checkpoints are written (default ~/.cache/kleinbild)")
+    b.add_argument("--offload", choices=("none", "model", "sequential"), default="model",
+                   help="kleinbild's memory mode (default: model, as `generate` uses)")
+    b.add_argument("--quant", choices=_QUANT_FORMATS, help="kleinbild's opt-in quantization of the transformer")
 
     t = sub.add_parser("train", help="train the nano models on the shapes world (CPU-friendly, resumable), or a LoRA "
                        "(train lora --base MODEL --data DIR --out DIR)")
@@ -233,6 +240,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         quant=args.quant,
         loras=args.lora,
         fuse_loras=args.fuse_lora,
+        offload_mode=args.offload,
     )
     if not args.quiet:
         sys.stderr.write(f"loaded {pipe.preset.name} on {pipe.device} ({time.perf_counter() - t0:.1f}s)\n")
@@ -268,7 +276,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError("kleinbild bench measures random full-size weights for now: pass --random-weights")
     res = bench.run(args.preset, size=args.size, steps=args.steps, dtype=args.dtype, threads=args.threads,
                     vs=args.vs, repeats=args.repeats, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                    say=lambda m: print(m, file=sys.stderr, flush=True))
+                    offload=args.offload, quant=args.quant, say=lambda m: print(m, file=sys.stderr, flush=True))
     print(bench.format_table(res))
     print(json.dumps(res))
     return 0
@@ -326,7 +334,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kleinbild.pipeline import KleinPipeline
 
     pipe = KleinPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-                                         loras=args.lora, fuse_loras=args.fuse_lora)
+                                         loras=args.lora, fuse_loras=args.fuse_lora, offload_mode=args.offload)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     report = evaluate(pipe, tasks, n=args.n, seed=args.seed, steps=args.steps)
     print(format_table(report))
@@ -362,7 +370,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reference_cache=args.cache_size,
     )
     load = dict(vae=args.vae, text_encoder=args.text_encoder, preset=args.preset, device=args.device, dtype=args.dtype,
-                quant=args.quant, loras=args.lora, fuse_loras=args.fuse_lora)
+                quant=args.quant, loras=args.lora, fuse_loras=args.fuse_lora, offload_mode=args.offload)
     logging.getLogger("kleinbild").setLevel(args.log_level.upper())
     return serve(args.model, host=args.host, port=args.port, settings=settings, load_options=load,
                  log_level=args.log_level)

@@ -8,7 +8,8 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from kleinbild import lora, sampling
+from kleinbild import lora, offload, sampling
 from kleinbild.autoencoder import AutoEncoder
 from kleinbild.config import ModelPreset
 from kleinbild.images import MAX_PIXELS, MIN_SIDE, InputError, open_image, prepare_reference, to_pil, to_tensor
@@ -187,20 +188,30 @@ class KleinPipeline:
         preset: ModelPreset,
         transformer: Flux2Transformer,
         autoencoder: AutoEncoder,
-        text_encoder: Qwen3TextEncoder,
+        text_encoder: Qwen3TextEncoder | None,
         tokenizer: PromptTokenizer,
         device: torch.device,
         dtype: torch.dtype,
         source: str = "",
+        files: ModelFiles | None = None,
+        offload_mode: str = "none",
     ):
         self.preset = preset
         self.transformer = transformer
         self.autoencoder = autoencoder
-        self.text_encoder = text_encoder
+        self._text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
         self.source = source
+        self.files = files
+        self.offload = offload.check_mode(offload_mode)
+        if self.offload != "none" and files is None:
+            raise ValueError("offload needs the model files to read the text encoder again; load with from_files")
+        self.text_encoder_loads = 0  # how often the text encoder was (re)materialised; offload tests read it
+        self._parked: dict[str, offload.Parked] = {}
+        if self.offload != "none" and device.type != "cpu":
+            self._park()
         self.quant: str | None = None  # quantization format of the transformer's linear layers, if any
         # Keyed by content, so an edit loop on the same image or prompt skips the encoders. Prompt embeddings
         # are (1, 512, 7680) for klein-4b, ~8 MB in bf16 each; reference latents are much smaller.
@@ -224,6 +235,7 @@ class KleinPipeline:
         quant: str | None = None,
         loras: Sequence[str | tuple[str | Path, float]] | None = None,
         fuse_loras: bool = False,
+        offload_mode: str = "none",
     ) -> KleinPipeline:
         """Load from a diffusers folder, an official single file (+ `vae` and `text_encoder`), a preset or a repo id.
 
@@ -231,10 +243,12 @@ class KleinPipeline:
         `text_layers`/`max_text_length` override the tapped Qwen3 layers and the prompt length (for research
         and for tiny test models). `quant` ("fp8", "nvfp4", "int8") quantizes the transformer's block linears while
         loading (quantized files load as they are without it). `loras`: files or `FILE:SCALE` strings or
-        (file, scale) pairs, attached in order; `fuse_loras` merges them into the weights.
+        (file, scale) pairs, attached in order; `fuse_loras` merges them into the weights. `offload_mode`: "none",
+        "model" or "sequential" (see kleinbild.offload): lower peak memory for a little re-reading.
         """
         files = locate(model, vae, text_encoder, preset, text_layers, max_text_length)
-        pipe = cls.from_files(files, device=device, dtype=dtype, source=str(model), quant=quant)
+        pipe = cls.from_files(files, device=device, dtype=dtype, source=str(model), quant=quant,
+                              offload_mode=offload_mode)
         for spec in loras or ():
             path, scale = lora.parse_spec(spec) if isinstance(spec, (str, Path)) else spec
             pipe.load_lora(path, scale)
@@ -251,6 +265,7 @@ class KleinPipeline:
         dtype: str | torch.dtype | None = None,
         source: str = "",
         quant: str | None = None,
+        offload_mode: str = "none",
     ) -> KleinPipeline:
         dev, dt = pick_device(device), pick_dtype(dtype)
         p = files.preset
@@ -259,18 +274,63 @@ class KleinPipeline:
             dit = Flux2Transformer(p.dit)
             ae = AutoEncoder(p.ae)
             te = Qwen3TextEncoder(p.text)
+        mode = offload.check_mode(offload_mode)
+        # With offload, weights are assigned on the host (memory-mapped where the file allows) and visit the
+        # device per stage.
+        home = torch.device("cpu") if mode != "none" else dev
         dit_sd = dit_state(files)
-        quant_used = prepare_quantized(dit, dit_sd, quant, dev)
-        load_into(dit, dit_sd, f"transformer {files.dit_files[0]}", dev, dt)
+        quant_used = prepare_quantized(dit, dit_sd, quant, home)
+        load_into(dit, dit_sd, f"transformer {files.dit_files[0]}", home, dt)
         del dit_sd
-        load_into(ae, ae_state(files), f"autoencoder {files.ae_files[0]}", dev, dt)
-        te_state = text_state(files, text_encoder_wanted_keys(p.text))
-        load_into(te, te_state, f"text encoder {files.text_files[0]}", dev, dt)
+        load_into(ae, ae_state(files), f"autoencoder {files.ae_files[0]}", home, dt)
+        # Checked now, so a bad text encoder fails at load time; with offload it is dropped again (its pages
+        # were never touched) and read on first use.
+        te = _load_text_encoder(te, files, home, dt)
         tok = PromptTokenizer.from_dir(files.tokenizer_dir)
         log.info("loaded %s (%s) on %s/%s in %.1fs", source, p.name, dev, dt, time.perf_counter() - t0)
-        pipe = cls(p, dit, ae, te, tok, dev, dt, source=source)
+        pipe = cls(p, dit, ae, None if mode != "none" else te, tok, dev, dt, source=source, files=files,
+                   offload_mode=mode)
         pipe.quant = quant_used
         return pipe
+
+    # ------------------------------------------------------------ memory modes
+
+    @property
+    def text_encoder(self) -> Qwen3TextEncoder:
+        if self._text_encoder is None:
+            assert self.files is not None
+            with torch.device("meta"):
+                te = Qwen3TextEncoder(self.preset.text)
+            home = torch.device("cpu") if self.offload != "none" else self.device
+            self._text_encoder = _load_text_encoder(te, self.files, home, self.dtype)
+            self.text_encoder_loads += 1
+            if self.offload == "sequential" and self._parked:  # parking is on: an accelerator
+                offload.move_resident(te, te.model.layers, self.device)
+                offload.sequential_blocks(te.model.layers, self.device)
+        return self._text_encoder
+
+    @text_encoder.setter
+    def text_encoder(self, module: Qwen3TextEncoder | None) -> None:
+        self._text_encoder = module
+
+    def _park(self) -> None:
+        dev = self.device
+        self._parked["autoencoder"] = offload.Parked(self.autoencoder, dev)
+        if self.offload == "model":
+            self._parked["transformer"] = offload.Parked(self.transformer, dev)
+            return
+        blocks = [*self.transformer.double_blocks, *self.transformer.single_blocks]
+        offload.move_resident(self.transformer, blocks, dev)  # embedders, modulation, final layer: small
+        offload.sequential_blocks(blocks, dev)
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        parked = self._parked.get(name)
+        if parked is None:
+            yield
+            return
+        with parked.visit():
+            yield
 
     # ------------------------------------------------------------ LoRA
 
@@ -313,16 +373,26 @@ class KleinPipeline:
     def encode_prompt(self, prompts: Sequence[str]) -> Tensor:
         """(len(prompts), max_length, 3 * hidden) prompt embeddings, in the pipeline dtype."""
         ids, mask = self.tokenizer.encode(list(prompts), self.preset.text.max_length)
-        return self.text_encoder(ids.to(self.device), mask.to(self.device)).to(self.dtype)
+        te = self.text_encoder
+        if self.offload == "model" and self._parked:
+            with offload.Parked(te, self.device).visit():
+                out = te(ids.to(self.device), mask.to(self.device)).to(self.dtype)
+        else:
+            out = te(ids.to(self.device), mask.to(self.device)).to(self.dtype)
+        if self.offload != "none":
+            self._text_encoder = None  # its touched pages go back to the page cache, out of this process
+        return out
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[Image.Image]) -> list[Tensor]:
         """Each prepared reference image -> (1, C, h, w) normalised latent."""
-        return [self.autoencoder.encode(to_tensor(im).to(self.device, self.dtype)) for im in images]
+        with self._stage("autoencoder"):
+            return [self.autoencoder.encode(to_tensor(im).to(self.device, self.dtype)) for im in images]
 
     @torch.inference_mode()
     def decode(self, latent: Tensor) -> list[Image.Image]:
-        return to_pil(self.autoencoder.decode(latent.to(self.device, self.dtype)))
+        with self._stage("autoencoder"):
+            return to_pil(self.autoencoder.decode(latent.to(self.device, self.dtype)))
 
     def prepare_references(self, images: Sequence[ImageInput]) -> list[Image.Image]:
         pil = [open_image(im) if isinstance(im, (str, Path)) else im for im in images]
@@ -672,6 +742,15 @@ class KleinPipeline:
         t0 = time.perf_counter()
         noise = torch.cat([pl.noise for pl in plans]) if len(plans) > 1 else first.noise
         try:
-            return sampling.euler(noise.to(dev), timesteps, velocity, on_step)
+            with self._stage("transformer"):
+                return sampling.euler(noise.to(dev), timesteps, velocity, on_step)
         finally:
             timings["denoise"] = time.perf_counter() - t0
+
+
+def _load_text_encoder(
+    te: Qwen3TextEncoder, files: ModelFiles, device: torch.device, dtype: torch.dtype
+) -> Qwen3TextEncoder:
+    state = text_state(files, text_encoder_wanted_keys(te.cfg))
+    load_into(te, state, f"text encoder {files.text_files[0]}", device, dtype)
+    return te
