@@ -51,6 +51,29 @@ def test_resume_continues_from_the_checkpoint(run):
     assert changed, "the resumed step trained the model"
 
 
+def test_stop_at_keeps_the_schedule_and_checkpoints(run):
+    folder, preset = run
+    lines: list[str] = []
+    start = torch.load(folder / "base" / "ckpt.pt", weights_only=True)["step"]
+    args = train.FlowArgs(steps=50, stop_at=start + 1, batch=2, save_every=100, mix=(0, 0, 0, 1))
+    train.train_base(folder, preset, args, say=lines.append)
+    assert torch.load(folder / "base" / "ckpt.pt", weights_only=True)["step"] == start + 1
+    assert f"base: done at step {start + 1}" in lines
+
+
+def test_drill_batches_are_single_objects_in_one_phrasing():
+    import random
+
+    from kleinbild import shapes
+
+    b = train.sample_batch(random.Random(2), 6, (0, 0, 0, 1))
+    assert b.kind == "drill"
+    for prompt, target in zip(b.prompts, b.targets, strict=True):
+        (o,) = target.objects
+        assert prompt == f"a {o.size} {o.colour} {o.shape} at the {o.position} on a {target.background} background"
+        assert not shapes.is_eval_scene(target), "drills never show evaluation scenes"
+
+
 def test_training_data_is_reproducible_from_the_seed():
     import random
 

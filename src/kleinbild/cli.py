@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--lr", type=float, help="peak learning rate of the stage (default: the recipe's; lora: 5e-4)")
     t.add_argument("--chunks", type=_positive_int, help="distill: teacher trajectory batches to record")
+    t.add_argument("--stop-at", type=_positive_int, help="base: stop at this step (a checkpoint is written), keeping "
+                   "the learning-rate schedule of --steps; resume later with a larger value")
     t.add_argument("--bundle-to", help="bundle: destination folder (default: the package's weights/nano)")
     lo = t.add_argument_group("LoRA (stages lora, lora-data, lora-eval)")
     lo.add_argument("--base", default="nano-base", help="lora: the model to adapt (default: nano-base)")
@@ -304,7 +306,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = get_preset("nano-base")
 
     def with_overrides(cfg):
-        given = (("steps", args.steps), ("batch", args.batch), ("chunks", args.chunks), ("lr", args.lr))
+        given = (("steps", args.steps), ("batch", args.batch), ("chunks", args.chunks), ("lr", args.lr),
+                 ("stop_at", args.stop_at))
         over = {k: v for k, v in given if v}
         over = {k: v for k, v in over.items() if k in {f.name for f in dataclasses.fields(cfg)}}
         return dataclasses.replace(cfg, seed=args.seed, **over)

@@ -113,10 +113,14 @@ class Batch:
     sources: list[tuple[shapes.Scene, ...]]
 
 
-def sample_batch(rng: random.Random, size: int, mix: tuple[float, float, float]) -> Batch:
-    """One kind per batch, so reference counts (and sequence lengths) agree within it."""
-    kind = rng.choices(["t2i", "edit", "compose"], weights=mix)[0]
-    draw = {"t2i": shapes.sample_t2i, "edit": shapes.sample_edit, "compose": shapes.sample_compose}[kind]
+def sample_batch(rng: random.Random, size: int, mix: tuple[float, ...]) -> Batch:
+    """One kind per batch, so reference counts (and sequence lengths) agree within it.
+
+    `mix` weighs t2i, edit, compose and (optionally, fourth) position drills."""
+    kinds = ["t2i", "edit", "compose", "drill"][: len(mix)]
+    kind = rng.choices(kinds, weights=mix)[0]
+    draw = {"t2i": shapes.sample_t2i, "edit": shapes.sample_edit, "compose": shapes.sample_compose,
+            "drill": shapes.sample_drill}[kind]
     exs = [draw(rng) for _ in range(size)]
     return Batch(kind, [e.prompt for e in exs], [e.target for e in exs], [e.sources for e in exs])
 
@@ -253,7 +257,10 @@ class FlowArgs:
     size: int = 128
     seed: int = 0
     caption_dropout: float = 0.1
-    mix: tuple[float, float, float] = (0.55, 0.3, 0.15)
+    # t2i, edit, compose, position drills (see shapes.sample_drill)
+    mix: tuple[float, ...] = (0.45, 0.25, 0.1, 0.2)
+    drill_t: tuple[float, float] = (0.9, 1.0)  # drills teach where objects go, which is decided at the noisy end
+    stop_at: int = 0  # stop (with a checkpoint) at this step, keeping the schedule of `steps`; 0: run to the end
     ema: float = 0.999
     save_every: int = 200
     time_shift: float = 2.5
@@ -344,7 +351,8 @@ def train_base(run: Path, preset: ModelPreset, args: FlowArgs, say: Log = print)
     dit.train()
     te.train()
     t0, losses = time.perf_counter(), []
-    while step < args.steps:
+    end = min(args.stop_at or args.steps, args.steps)
+    while step < end:
         rng = random.Random(args.seed * 1_000_003 + step)
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         b = sample_batch(rng, args.batch, args.mix)
@@ -352,7 +360,11 @@ def train_base(run: Path, preset: ModelPreset, args: FlowArgs, say: Log = print)
         x0 = sampling.pack(cond.latents(b.targets))
         ref_tok, ref_ids = cond.refs(b.sources)
         noise = torch.randn(x0.shape, generator=g)
-        t = sample_t(x0.shape[0], g, args.time_shift)
+        if b.kind == "drill":
+            lo, hi = args.drill_t
+            t = lo + (hi - lo) * torch.rand(x0.shape[0], generator=g)
+        else:
+            t = sample_t(x0.shape[0], g, args.time_shift)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         lr = cosine_lr(step, args.steps, args.lr, warmup=args.warmup)
         for group in opt.param_groups:
@@ -374,7 +386,7 @@ def train_base(run: Path, preset: ModelPreset, args: FlowArgs, say: Log = print)
             hit = c.hits / max(1, c.hits + c.misses)
             say(f"base step {step}/{args.steps} loss {np.mean(losses[-50:]):.4f} lr {lr:.2e} "
                 f"{(time.perf_counter() - t0) / len(losses):.2f}s/step, latent cache hits {hit:.0%}")
-        if step % args.save_every == 0 or step == args.steps:
+        if step % args.save_every == 0 or step == end:
             _atomic_save(
                 {"dit": dit.state_dict(), "te": te.state_dict(), "ema_dit": ema_dit.shadow.state_dict(),
                  "ema_te": ema_te.shadow.state_dict(), "opt": opt.state_dict(), "step": step},
