@@ -72,17 +72,24 @@ class Parked:
         for (owner, name, _), h in zip(_slots(self.module), tensors, strict=True):
             _put(owner, name, h)
 
-    @contextmanager
-    def visit(self) -> Iterator[nn.Module]:
-        slots = _slots(self.module)
-        if len(slots) != len(self.host):
+    def bring(self) -> None:
+        """Put device copies of the host weights in place."""
+        if len(_slots(self.module)) != len(self.host):
             self.refresh()
         self._place([h.to(self.device, non_blocking=True) for h in self.host])
         self.visits += 1
+
+    def send_back(self) -> None:
+        """Put the host weights back; the device copies are freed."""
+        self._place(self.host)
+
+    @contextmanager
+    def visit(self) -> Iterator[nn.Module]:
+        self.bring()
         try:
             yield self.module
         finally:
-            self._place(self.host)
+            self.send_back()
 
 
 def sequential_blocks(blocks: Sequence[nn.Module], device: torch.device) -> list[Parked]:
@@ -90,19 +97,7 @@ def sequential_blocks(blocks: Sequence[nn.Module], device: torch.device) -> list
     parked = []
     for block in blocks:
         p = Parked(block, device)
-        state: dict[str, object] = {}
-
-        def pre(_m: nn.Module, _args: object, p: Parked = p, state: dict = state) -> None:
-            cm = p.visit()
-            cm.__enter__()
-            state["cm"] = cm
-
-        def post(_m: nn.Module, _args: object, _out: object, state: dict = state) -> None:
-            cm = state.pop("cm", None)
-            if cm is not None:
-                cm.__exit__(None, None, None)
-
-        block.register_forward_pre_hook(pre)
-        block.register_forward_hook(post)
+        block.register_forward_pre_hook(lambda _m, _a, p=p: p.bring())
+        block.register_forward_hook(lambda _m, _a, _o, p=p: p.send_back())
         parked.append(p)
     return parked
