@@ -485,13 +485,13 @@ def sample_compose(rng: random.Random, held_out: bool = False) -> Example:
 
 
 def sample_drill(rng: random.Random) -> Example:
-    """A position drill: one object, described in a single fixed phrasing ("a big red square at the top left on a
-    blue background"). Small models learn to tie position words to places much sooner from these than from the
-    varied captions alone (measured: the varied ones alone did not get there in 6,000 steps)."""
-    ex = sample_t2i(rng, n_objects=1)
-    o = ex.target.objects[0]
-    prompt = f"a {o.size} {o.colour} {o.shape} at the {o.position} on a {ex.target.background} background"
-    return Example("t2i", prompt, ex.target)
+    """A drill: one or two objects, described in a single fixed phrasing ("a big red square at the top left and a
+    small blue circle at the bottom right on a white background"). Small models learn to tie position words to
+    places much sooner from these than from the varied captions alone (measured: the varied ones alone did not get
+    there in 6,000 steps); the two-object half drills which colour and shape go where."""
+    ex = sample_t2i(rng, n_objects=rng.choice((1, 2)))
+    objs = " and ".join(f"a {o.size} {o.colour} {o.shape} at the {o.position}" for o in ex.target.objects)
+    return Example("t2i", f"{objs} on a {ex.target.background} background", ex.target)
 
 
 def sample_example(rng: random.Random, mix: tuple[float, float, float] = (0.6, 0.25, 0.15)) -> Example:
