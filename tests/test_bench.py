@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 
@@ -53,3 +54,39 @@ def test_bench_cli_prints_table_and_json(tmp_path, capsys):
         assert e["step"] > 0 and e["decode"] > 0 and e["text"] > 0 and e["peak_rss_gb"] > 0.1
     assert set(res["ratios"]) >= {"load", "text", "step", "decode", "total", "peak_rss_gb"}
     assert "DiT step (s)" in "\n".join(out)
+
+
+def test_in_process_bench_gives_the_peer_the_same_weights():
+    """The accelerator path (weights made on the device, diffusers given the same tensors) run on the CPU."""
+    from kleinbild import bench_device
+
+    res = bench_device.run("nano", device="cpu", size=128, steps=2, dtype="float32", repeats=1, vs="diffusers",
+                           offload_modes=("model", "sequential"), say=lambda m: None)
+    for engine in ("kleinbild", "diffusers"):
+        e = res["engines"][engine]
+        assert e["text"] > 0 and e["step"] > 0 and e["decode"] > 0 and e["total"] > e["step"]
+    assert res["psnr_vs_kleinbild_db"]["diffusers"] > 60, "same weights, same sampler: the same image"
+    assert set(res["ratios"]) == {"text", "step", "decode", "total"}
+    for mode in ("model", "sequential"):
+        assert res["memory"][mode]["psnr_vs_plain_db"] == float("inf"), "memory modes change nothing"
+    assert "end to end (s)" in bench_device.format_table(res)
+
+
+def test_random_weights_refuse_uninitialised_buffers():
+    from torch import nn
+
+    from kleinbild import bench_device
+
+    with pytest.raises(ValueError, match="running_mean"):
+        bench_device._materialise(lambda: nn.BatchNorm1d(4), torch.device("cpu"), torch.float32, 0)
+
+
+def test_bench_cli_with_a_device_runs_in_process(monkeypatch, capsys):
+    import kleinbild.pipeline
+
+    monkeypatch.setattr(kleinbild.pipeline, "pick_device", lambda d: torch.device("cpu"))  # stands in for cuda
+    rc = main(["bench", "--preset", "nano", "--random-weights", "--device", "cuda", "--size", "128", "--steps",
+               "2", "--repeats", "1", "--offload", "none"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["device"] == "cpu" and list(res["engines"]) == ["kleinbild"] and "none" in res["memory"]

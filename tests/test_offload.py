@@ -99,3 +99,21 @@ def test_sequential_blocks_visit_once_per_forward_in_order() -> None:
 def test_unknown_mode_is_named() -> None:
     with pytest.raises(ValueError, match="'disk'.*none, model, sequential"):
         load("disk")
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_modes_without_files_keep_the_text_encoder(mode: str, plain: np.ndarray) -> None:
+    """A pipeline built from modules (random-weight benchmarks, custom code) has no file to re-read the encoder
+    from: offload keeps it, parked with the rest on an accelerator (forced here with device cpu)."""
+    src = load("none")
+    te = src.text_encoder
+    pipe = KleinPipeline(src.preset, src.transformer, src.autoencoder, te, src.tokenizer, src.device, src.dtype,
+                         offload_mode=mode)
+    assert np.array_equal(run(pipe), plain)
+    assert pipe.text_encoder is te and pipe.text_encoder_loads == 0
+    pipe._park()
+    pipe._place_text_encoder(te)
+    assert np.array_equal(run(pipe, prompt="a blue square"), run(src, prompt="a blue square"))
+    assert pipe.text_encoder is te and pipe.text_encoder_loads == 0
+    if mode == "sequential":
+        assert te.model.layers[0]._forward_pre_hooks

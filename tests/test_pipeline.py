@@ -152,3 +152,22 @@ def test_import_does_no_work():
 
     code = "import sys, kleinbild, kleinbild.cli; assert 'torch' not in sys.modules, 'torch imported at import time'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_compiled_pipeline_matches_plain_path():
+    """torch.compile (the GPU fast path) computes the same images; the modules are shared, not replaced."""
+    pipe = ours("distilled")
+    noise = make_noise(1, 32, 16, 16, seed=5)
+    plain = pipe.generate("a red circle", width=64, height=64, steps=3, noise=noise).images
+    dit = pipe.transformer
+    pipe.compile()
+    assert pipe.compiled and pipe.transformer is dit
+    fast = pipe.generate("a red circle", width=64, height=64, steps=3, noise=noise)
+    assert fast.settings["compiled"] is True
+    assert pixels_close(fast.images, plain) <= 1
+    pipe.uncompile()
+    assert pixels_close(pipe.generate("a red circle", width=64, height=64, steps=3, noise=noise).images, plain) == 0
+    off = KleinPipeline(pipe.preset, dit, pipe.autoencoder, pipe.text_encoder, pipe.tokenizer, pipe.device,
+                        pipe.dtype, offload_mode="model")
+    with pytest.raises(ValueError, match="offload mode 'none'.*'model'"):
+        off.compile()

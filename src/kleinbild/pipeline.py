@@ -206,12 +206,16 @@ class KleinPipeline:
         self.source = source
         self.files = files
         self.offload = offload.check_mode(offload_mode)
-        if self.offload != "none" and files is None:
-            raise ValueError("offload needs the model files to read the text encoder again; load with from_files")
         self.text_encoder_loads = 0  # how often the text encoder was (re)materialised; offload tests read it
         self._parked: dict[str, offload.Parked] = {}
+        # Without files the text encoder cannot be read again, so offload keeps it (on the host, with the rest,
+        # on an accelerator) instead of dropping it after each prompt.
+        self._can_reload = files is not None
+        self._compiled: dict[str, Any] = {}  # torch.compile'd callables (see compile())
         if self.offload != "none" and device.type != "cpu":
             self._park()
+            if text_encoder is not None:
+                self._place_text_encoder(text_encoder)
         self.quant: str | None = None  # quantization format of the transformer's linear layers, if any
         # Keyed by content, so an edit loop on the same image or prompt skips the encoders. Prompt embeddings
         # are (1, 512, 7680) for klein-4b, ~8 MB in bf16 each; reference latents are much smaller.
@@ -236,6 +240,7 @@ class KleinPipeline:
         loras: Sequence[str | tuple[str | Path, float]] | None = None,
         fuse_loras: bool = False,
         offload_mode: str = "none",
+        compile: bool = False,
     ) -> KleinPipeline:
         """Load from a diffusers folder, an official single file (+ `vae` and `text_encoder`), a preset or a repo id.
 
@@ -244,7 +249,8 @@ class KleinPipeline:
         and for tiny test models). `quant` ("fp8", "nvfp4", "int8") quantizes the transformer's block linears while
         loading (quantized files load as they are without it). `loras`: files or `FILE:SCALE` strings or
         (file, scale) pairs, attached in order; `fuse_loras` merges them into the weights. `offload_mode`: "none",
-        "model" or "sequential" (see kleinbild.offload): lower peak memory for a little re-reading.
+        "model" or "sequential" (see kleinbild.offload): lower peak memory for a little re-reading. `compile`: see
+        `compile()`.
         """
         files = locate(model, vae, text_encoder, preset, text_layers, max_text_length)
         pipe = cls.from_files(files, device=device, dtype=dtype, source=str(model), quant=quant,
@@ -254,6 +260,8 @@ class KleinPipeline:
             pipe.load_lora(path, scale)
         if fuse_loras and loras:
             pipe.fuse_loras()
+        if compile:
+            pipe.compile()
         return pipe
 
     @classmethod
@@ -304,14 +312,20 @@ class KleinPipeline:
             home = torch.device("cpu") if self.offload != "none" else self.device
             self._text_encoder = _load_text_encoder(te, self.files, home, self.dtype)
             self.text_encoder_loads += 1
-            if self.offload == "sequential" and self._parked:  # parking is on: an accelerator
-                offload.move_resident(te, te.model.layers, self.device)
-                offload.sequential_blocks(te.model.layers, self.device)
+            if self._parked:  # parking is on: an accelerator
+                self._place_text_encoder(te)
         return self._text_encoder
 
     @text_encoder.setter
     def text_encoder(self, module: Qwen3TextEncoder | None) -> None:
         self._text_encoder = module
+
+    def _place_text_encoder(self, te: Qwen3TextEncoder) -> None:
+        """Host-resident text encoder on an accelerator: all of it visits per prompt (`model`, see encode_prompt)
+        or one layer at a time (`sequential`)."""
+        if self.offload == "sequential":
+            offload.move_resident(te, te.model.layers, self.device)
+            offload.sequential_blocks(te.model.layers, self.device)
 
     def _park(self) -> None:
         dev = self.device
@@ -331,6 +345,27 @@ class KleinPipeline:
             return
         with parked.visit():
             yield
+
+    def compile(self, mode: str | None = None, decoder: bool = True) -> None:
+        """Run the transformer (and the autoencoder's decoder) through `torch.compile` from now on.
+
+        The modules are not replaced: compiled wrappers share their weights, so the plain path stays available
+        (see `uncompile`). The first call at each new size pays the compilation (tens of seconds); worth it on a
+        GPU for repeated generations. `mode` is torch.compile's ("max-autotune", "reduce-overhead", ...).
+        """
+        if self.offload != "none":
+            raise ValueError(f"compile() needs offload mode 'none' (weights moving per stage defeat it), not "
+                             f"{self.offload!r}: pass --offload none (Python: offload_mode='none')")
+        self._compiled["transformer"] = torch.compile(self.transformer, mode=mode)
+        if decoder:
+            self._compiled["decode"] = torch.compile(self.autoencoder.decode, mode=mode)
+
+    def uncompile(self) -> None:
+        self._compiled.clear()
+
+    @property
+    def compiled(self) -> bool:
+        return bool(self._compiled)
 
     # ------------------------------------------------------------ LoRA
 
@@ -379,7 +414,7 @@ class KleinPipeline:
                 out = te(ids.to(self.device), mask.to(self.device)).to(self.dtype)
         else:
             out = te(ids.to(self.device), mask.to(self.device)).to(self.dtype)
-        if self.offload != "none":
+        if self.offload != "none" and self._can_reload:
             self._text_encoder = None  # its touched pages go back to the page cache, out of this process
         return out
 
@@ -392,7 +427,8 @@ class KleinPipeline:
     @torch.inference_mode()
     def decode(self, latent: Tensor) -> list[Image.Image]:
         with self._stage("autoencoder"):
-            return to_pil(self.autoencoder.decode(latent.to(self.device, self.dtype)))
+            decode = self._compiled.get("decode", self.autoencoder.decode)
+            return to_pil(decode(latent.to(self.device, self.dtype)))
 
     def prepare_references(self, images: Sequence[ImageInput]) -> list[Image.Image]:
         pil = [open_image(im) if isinstance(im, (str, Path)) else im for im in images]
@@ -649,6 +685,7 @@ class KleinPipeline:
                 "references": [list(r.size) for r in pl.refs],
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "quant": self.quant,
+                "compiled": self.compiled,
                 "loras": [{"name": x["name"], "scale": x["scale"]} for x in self.loras],
                 "device": str(self.device),
                 "seconds": seconds,
@@ -712,7 +749,7 @@ class KleinPipeline:
 
         timesteps = sampling.schedule(steps, th * tw)
         kv: list[KVCache] = []
-        model = self.transformer
+        model = self._compiled.get("transformer", self.transformer)
 
         def velocity(x: Tensor, t: Tensor, i: int) -> Tensor:
             xin = sampling.pack(x).to(dt)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The GPU measurement, run on a lent device machine from the repository root (see BENCHMARKS.md):
+#   carry .whl (diffusers 0.42.1 + importlib_metadata wheels, pip download'ed here), results under $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
+'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+python3 -m kleinbild.cli bench --preset "${PRESET:-klein-4b}" --random-weights --device cuda --size "${SIZE:-1024}" \
+  --steps 4 --repeats "${REPEATS:-5}" --vs diffusers --compile 2>&1 | tee "$OUT/bench.log"
+tail -1 "$OUT/bench.log" > "$OUT/bench.json"
