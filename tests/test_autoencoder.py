@@ -175,6 +175,22 @@ def test_bf16_close_to_fp32(pair) -> None:
     assert rel < 0.05, rel
 
 
+@torch.no_grad()
+def test_channels_last_matches_plain(pair) -> None:
+    """The CPU fast path (channels-last convolutions) computes the same encode and decode."""
+    _, ours = pair
+    fast = AutoEncoder(ours.cfg)
+    fast.load_state_dict(ours.state_dict())
+    fast.eval().use_channels_last()
+    assert fast.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    img = _image(ours.cfg)
+    lat = ours.encode(img)
+    assert torch.allclose(fast.encode(img), lat, rtol=1e-4, atol=1e-5)
+    out = fast.decode(lat)
+    assert out.is_contiguous()
+    assert torch.allclose(out, ours.decode(lat), rtol=1e-4, atol=1e-5)
+
+
 def test_strict_loading_names_the_tensor(pair) -> None:
     vae, _ = pair
     sd = vae_from_diffusers(vae.state_dict())

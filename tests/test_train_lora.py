@@ -153,19 +153,25 @@ def test_dataset_errors_name_the_problem(tmp_path):
 
 
 def test_concept_data_and_presence(tmp_path):
-    folder = tl.make_concept_data(tmp_path / "pink", "pink", n=5, seed=3, size=128)
+    folder = tl.make_concept_data(tmp_path / "ring", "ring", n=5, seed=3, size=128, prior=3)
     ex = tl.load_dataset(folder)
-    assert len(ex) == 5 and all("pink" in e.caption for e in ex)
-    for e in ex:
-        res = tl.concept_presence(Image.open(e.image), "pink")
-        assert res["present"], e.caption
-        (obj,) = res["analysis"].objects  # the analyser reads the pink object's shape, size and position
-        assert obj.shape in e.caption and obj.size in (e.caption.replace("large", "big").replace("little", "small"))
+    concept = [e for e in ex if "ring" in e.caption]
+    assert len(ex) == 8 and len(concept) == 5, "5 concept examples and 3 prior-preservation ones"
+    for e in concept:
+        res = tl.concept_presence(Image.open(e.image), "ring")
+        assert res["present"] and res["iou"] > 0.75, e.caption
+        f = res["found"]  # the analyser reads the ring's colour and position
+        assert f.colour in e.caption and f.size == "big"
+    for shape in tl.CONCEPT_SHAPES:  # each is told apart from the others and from the world's shapes
+        scene = shapes.Scene("white", (shapes.Obj(shape, "red", "big", "centre"),))
+        found = {s for s in tl.CONCEPT_SHAPES if tl.concept_presence(tl.render_concept(scene), s)["present"]}
+        assert found == {shape}
     rng = random.Random(0)
     for _ in range(10):
-        assert not tl.concept_presence(shapes.render(shapes.sample_scene(rng), 128), "pink")["present"]
-    with pytest.raises(ValueError, match="unknown concept colour 'teal'"):
-        tl.make_concept_data(tmp_path / "x", "teal")
+        world = shapes.render(shapes.sample_scene(rng), 128)
+        assert not any(tl.concept_presence(world, s)["present"] for s in tl.CONCEPT_SHAPES)
+    with pytest.raises(ValueError, match="unknown concept shape 'star'"):
+        tl.make_concept_data(tmp_path / "x", "star")
 
 
 def test_cli_lora_data_and_errors(tmp_path):

@@ -127,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--save-every", type=_positive_int, default=100)
     lo.add_argument("--sample-prompt", help="prompt of the sample image saved with each checkpoint")
     lo.add_argument("--lora", help="lora-eval: the trained adapter")
-    lo.add_argument("--concept", default="pink", help="lora-data / lora-eval: the concept colour (pink, cyan, brown)")
+    lo.add_argument("--concept", default="ring", help="lora-data / lora-eval: the concept shape (ring, cross, diamond)")
     lo.add_argument("-n", type=_positive_int, default=20, help="lora-data / lora-eval: examples")
+    lo.add_argument("--prior", type=int, default=0, help="lora-data: also write this many ordinary shapes-world "
+                    "examples (prior preservation: unrelated prompts stay as they were)")
     lo.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
 
     e = sub.add_parser("eval", help="score a model with the shapes-world analyser on held-out prompts")
@@ -409,7 +411,7 @@ def _train_lora(args: argparse.Namespace) -> int:
     if args.stage == "lora-data":
         if not args.data:
             raise ValueError("lora-data needs --data DIR: where to write the concept examples")
-        folder = tl.make_concept_data(Path(args.data), args.concept, n=args.n, seed=args.seed)
+        folder = tl.make_concept_data(Path(args.data), args.concept, n=args.n, seed=args.seed, prior=args.prior)
         print(folder)
         return 0
     if args.stage == "lora-eval":

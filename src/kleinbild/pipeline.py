@@ -205,6 +205,8 @@ class KleinPipeline:
         self.dtype = dtype
         self.source = source
         self.files = files
+        if device.type == "cpu":
+            autoencoder.use_channels_last()
         self.offload = offload.check_mode(offload_mode)
         self.text_encoder_loads = 0  # how often the text encoder was (re)materialised; offload tests read it
         self._parked: dict[str, offload.Parked] = {}

@@ -174,8 +174,27 @@ def _object_box(o: Obj, side: float) -> tuple[float, float, float, float]:
     return cx - half, cy - half, cx + half, cy + half
 
 
-def render(scene: Scene, size: int = 128) -> Image.Image:
-    """The scene as an RGB image of `size` x `size`, anti-aliased by drawing at 4x and box-filtering down."""
+Box = tuple[float, float, float, float]
+
+
+def _triangle(draw: ImageDraw.ImageDraw, box: Box) -> None:
+    # Upright isosceles triangle filling the same square box: apex at top centre, base along the bottom.
+    draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=255)
+
+
+# How each shape fills its square box (inclusive PIL box on the supersampled canvas).
+DRAWERS: dict[str, Callable[[ImageDraw.ImageDraw, Box], None]] = {
+    "circle": lambda draw, box: draw.ellipse(box, fill=255),
+    "square": lambda draw, box: draw.rectangle(box, fill=255),
+    "triangle": _triangle,
+}
+
+
+def render(scene: Scene, size: int = 128, drawers: dict[str, Callable[[ImageDraw.ImageDraw, Box], None]] | None = None
+           ) -> Image.Image:
+    """The scene as an RGB image of `size` x `size`, anti-aliased by drawing at 4x and box-filtering down.
+    `drawers` adds shapes the world does not have (LoRA concept demos); it defaults to DRAWERS."""
+    drawers = drawers or DRAWERS
     img = Image.new("RGB", (size, size), PALETTE[scene.background])
     ss = _SUPERSAMPLE
     for o in scene.objects:
@@ -188,15 +207,9 @@ def render(scene: Scene, size: int = 128) -> Image.Image:
         draw = ImageDraw.Draw(mask)
         # PIL's rectangle/ellipse include their right/bottom edge, so the last covered supersample is round(x1) - 1.
         box = (round(x0) - px0 * ss, round(y0) - py0 * ss, round(x1) - 1 - px0 * ss, round(y1) - 1 - py0 * ss)
-        if o.shape == "circle":
-            draw.ellipse(box, fill=255)
-        elif o.shape == "square":
-            draw.rectangle(box, fill=255)
-        elif o.shape == "triangle":
-            # Upright isosceles triangle filling the same square box: apex at top centre, base along the bottom.
-            draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=255)
-        else:
+        if o.shape not in drawers:
             raise ValueError(f"unknown shape {o.shape!r}")
+        drawers[o.shape](draw, box)
         coverage = mask.resize((px1 - px0, py1 - py0), Image.Resampling.BOX)
         img.paste(PALETTE[o.colour], (px0, py0, px1, py1), coverage)
     return img
