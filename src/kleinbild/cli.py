@@ -126,8 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--size", type=_positive_int, help="training side in px (default: the model's default size)")
     lo.add_argument("--save-every", type=_positive_int, default=100)
     lo.add_argument("--sample-prompt", help="prompt of the sample image saved with each checkpoint")
+    lo.add_argument("--caption-dropout", type=float, help="lora: share of empty prompts (default 0.1)")
     lo.add_argument("--lora", help="lora-eval: the trained adapter")
-    lo.add_argument("--concept", default="ring", help="lora-data / lora-eval: the concept shape (ring, cross, diamond)")
+    lo.add_argument("--concept", default="bar",
+                    help="lora-data / lora-eval: the concept shape (bar, ring, cross, diamond)")
     lo.add_argument("-n", type=_positive_int, default=20, help="lora-data / lora-eval: examples")
     lo.add_argument("--prior", type=int, default=0, help="lora-data: also write this many ordinary shapes-world "
                     "examples (prior preservation: unrelated prompts stay as they were)")
@@ -427,6 +429,8 @@ def _train_lora(args: argparse.Namespace) -> int:
         raise ValueError("train lora needs --data DIR (captioned images) and --out DIR")
     fields = dict(rank=args.rank, alpha=args.alpha, lr=args.lr or 5e-4, targets=args.targets, size=args.size,
                   save_every=args.save_every, sample_prompt=args.sample_prompt, seed=args.seed)
+    if args.caption_dropout is not None:
+        fields["caption_dropout"] = args.caption_dropout
     if args.steps:
         fields["steps"] = args.steps
     if args.batch:

@@ -10,7 +10,7 @@ Data folder: images (`.png`, `.jpg`, `.jpeg`, `.webp`) each with a caption in a 
 `metadata.jsonl` with one object per line: `{"file_name": "out.png", "text": "make it pink", "references":
 ["in.png"]}` (references make it an edit pair; "caption" or "prompt" may stand for "text").
 
-Concept demo: `make_concept_data` renders shapes-world scenes with a shape the world does not have (a cross by
+Concept demo: `make_concept_data` renders shapes-world scenes with a shape the world does not have (a bar by
 default) and captions that name it; `concept_eval` measures with the shapes analyser and shape templates that the
 new shape appears where and as prompted, and that prompts without it come out as before.
 """
@@ -446,7 +446,7 @@ def _concept_scene(rng: random.Random, shape: str) -> shapes.Scene:
     return shapes.Scene(bg, (obj,))
 
 
-def make_concept_data(out: Path | str, shape: str = "ring", n: int = 20, seed: int = 0, size: int = 128,
+def make_concept_data(out: Path | str, shape: str = "bar", n: int = 20, seed: int = 0, size: int = 128,
                       prior: int = 0) -> Path:
     """Write `n` captioned single-object scenes of the concept shape (image + .txt), seeded, and `prior` ordinary
     shapes-world scenes with their captions: prior preservation (as in DreamBooth), so the adapter learns what is
@@ -509,7 +509,7 @@ def concept_presence(image: Image.Image, shape: str, min_iou: float = 0.6) -> di
 
 
 def concept_eval(
-    pipe: Any, shape: str = "ring", n: int = 20, seed: int = 1000, lora_name: str | None = None,
+    pipe: Any, shape: str = "bar", n: int = 20, seed: int = 1000, lora_name: str | None = None,
     steps: int | None = None,
 ) -> dict[str, Any]:
     """With the pipeline's LoRAs on and off: on fresh concept prompts, how often the concept shape appears (and with
