@@ -61,7 +61,8 @@ def test_cli_default_model_writes_the_asked_image(tmp_path, monkeypatch):
 
     monkeypatch.delenv("KLEINBILD_MODEL", raising=False)
     out = tmp_path / "circle.png"
-    assert main(["generate", "a big red circle in the centre on a blue background", "--seed", "0", "-o", str(out), "-q"]) == 0
+    prompt = "a big red circle in the centre on a blue background"
+    assert main(["generate", prompt, "--seed", "0", "-o", str(out), "-q"]) == 0
     found = analyze(Image.open(out))
     assert found.background == "blue"
     assert [(o.colour, o.shape) for o in found.objects] == [("red", "circle")]
