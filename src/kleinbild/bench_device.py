@@ -233,29 +233,16 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192, reps: i
 # ---------------------------------------------------------------- the benchmark
 
 
-def run(preset: str, device: str = "cuda", size: int = 1024, steps: int = 4, dtype: str = "bfloat16",
-        repeats: int = 5, vs: str | None = None, compile: bool = False, offload_modes: tuple[str, ...] = (),
-        seed: int = 0, say: Say = print) -> dict[str, Any]:
-    """Engines alternate, `repeats` end-to-end runs each after two warm-ups; then the memory modes, one at a time."""
+def _compare_engines(pipe: Any, tok_dir: Path, res: dict[str, Any], size: int, steps: int, seed: int, repeats: int,
+                     vs: str | None, compile: bool, say: Say) -> dict[str, Any]:
+    """Warm-up, alternating end-to-end runs and stage times of kleinbild (plain, and compiled if asked) and the
+    peer; fills res["engines"], FLOP/s and ratios; returns each engine's first image."""
     from kleinbild.pipeline import KleinPipeline
 
-    dev, dt = torch.device(device), getattr(torch, dtype)
-    p = get_preset(preset)
-    t0 = time.perf_counter()
-    tok_dir = Path(tempfile.mkdtemp(prefix="kleinbild-bench-")) / "tokenizer"
-    pipe = random_pipeline(p, dev, tok_dir, dt, seed)
-    pipe.configure_caches(prompts=0)  # every run encodes its prompt, as a fresh request would
-    _sync(dev)
-    res: dict[str, Any] = {"preset": p.name, "device": str(dev), "size": size, "steps": steps, "dtype": dtype,
-                           "repeats": repeats, "build_s": round(time.perf_counter() - t0, 2), "engines": {}}
-    if dev.type == "cuda":
-        res["gpu"] = torch.cuda.get_device_name(dev)
-    say(f"built random {p.name} on {dev} in {res['build_s']}s")
-
+    p, dev, dt = pipe.preset, pipe.device, pipe.dtype
     calls: dict[str, Callable] = {"kleinbild": _kleinbild_call(pipe, size, steps, seed)}
     stage_hooks: dict[str, tuple[tuple[Any, str], tuple[Any, str]]] = {
         "kleinbild": ((pipe, "encode_prompt"), (pipe, "decode"))}
-    peer = fast = None
     if compile:
         fast = KleinPipeline(p, pipe.transformer, pipe.autoencoder, pipe.text_encoder, pipe.tokenizer, dev, dt)
         fast.configure_caches(prompts=0)
@@ -302,19 +289,37 @@ def run(preset: str, device: str = "cuda", size: int = 1024, steps: int = 4, dty
     res["dit_gflop_per_step"] = round(flops / 1e9, 1)
     for e in res["engines"].values():
         e["dit_fraction_of_matmul"] = round(flops / e["step"] / 1e9 / rate, 3)
-    base = images["kleinbild"]
-    res["psnr_vs_kleinbild_db"] = {n: round(psnr(base, im), 2) for n, im in images.items() if n != "kleinbild"}
-    if "diffusers" in res["engines"]:
-        a, b = res["engines"]["kleinbild"], res["engines"]["diffusers"]
-        res["ratios"] = {s: round(a[s] / b[s], 3) for s in ("text", "step", "decode", "total")}
-        if "kleinbild-compiled" in res["engines"]:
-            c = res["engines"]["kleinbild-compiled"]
-            res["ratios_compiled"] = {s: round(c[s] / b[s], 3) for s in ("text", "step", "decode", "total")}
-    # Only kleinbild's own weights stay allocated for the memory measurements.
-    calls.clear()
-    stage_hooks.clear()
-    del call  # the loop variable would keep the last engine (the peer's weights) alive
-    peer = fast = None  # noqa: F841
+    res["psnr_vs_kleinbild_db"] = {n: round(psnr(images["kleinbild"], im), 2) for n, im in images.items()
+                                   if n != "kleinbild"}
+    peer_numbers = res["engines"].get("diffusers")
+    for name, key in (("kleinbild", "ratios"), ("kleinbild-compiled", "ratios_compiled")):
+        if peer_numbers and name in res["engines"]:
+            ours = res["engines"][name]
+            res[key] = {s: round(ours[s] / peer_numbers[s], 3) for s in ("text", "step", "decode", "total")}
+    return images
+
+
+def run(preset: str, device: str = "cuda", size: int = 1024, steps: int = 4, dtype: str = "bfloat16",
+        repeats: int = 5, vs: str | None = None, compile: bool = False, offload_modes: tuple[str, ...] = (),
+        seed: int = 0, say: Say = print) -> dict[str, Any]:
+    """Engines alternate, `repeats` end-to-end runs each after two warm-ups; then the memory modes, one at a time."""
+    from kleinbild.pipeline import KleinPipeline
+
+    dev, dt = torch.device(device), getattr(torch, dtype)
+    p = get_preset(preset)
+    t0 = time.perf_counter()
+    tok_dir = Path(tempfile.mkdtemp(prefix="kleinbild-bench-")) / "tokenizer"
+    pipe = random_pipeline(p, dev, tok_dir, dt, seed)
+    pipe.configure_caches(prompts=0)  # every run encodes its prompt, as a fresh request would
+    _sync(dev)
+    res: dict[str, Any] = {"preset": p.name, "device": str(dev), "size": size, "steps": steps, "dtype": dtype,
+                           "repeats": repeats, "build_s": round(time.perf_counter() - t0, 2), "engines": {}}
+    if dev.type == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(dev)
+    say(f"built random {p.name} on {dev} in {res['build_s']}s")
+
+    images = _compare_engines(pipe, tok_dir, res, size, steps, seed, repeats, vs, compile, say)
+    # The peer and its weights went with _compare_engines' frame: only kleinbild's weights stay allocated.
     _reset_memory(dev)
     res["resident_gb"] = round(sum(t.numel() * t.element_size() for m in (pipe.transformer, pipe.autoencoder,
                                    pipe.text_encoder) for t in m.parameters()) / 2**30, 2)
@@ -338,7 +343,7 @@ def run(preset: str, device: str = "cuda", size: int = 1024, steps: int = 4, dty
             t_run = _end_to_end(call, dev)
             m = {k: round(v, 2) for k, v in _memory(dev).items()}
             m["total"] = round(t_run, 3)
-            m["psnr_vs_plain_db"] = round(psnr(base, img), 2)
+            m["psnr_vs_plain_db"] = round(psnr(images["kleinbild"], img), 2)
             res["memory"][mode] = m
             say(f"offload {mode}: {m}")
             del off, call
