@@ -96,3 +96,62 @@ def test_bundle_loads_as_a_pipeline(run, tmp_path):
                                          text_encoder=dest / "text_encoder", preset="nano", dtype="float32")
     out = pipe.generate("a small red circle at the top left on a blue background", seed=0)
     assert out.images[0].size == (128, 128) and out.settings["steps"] == 4
+
+
+def test_worker_batches_train_like_the_cached_ones(run, tmp_path):
+    """Batches drawn by DataLoader workers (pixels rendered there, latents encoded per step) train the same model
+    as the in-process path with its latent cache; --init starts both from the same weights."""
+    import shutil
+
+    folder, preset = run
+    states = []
+    for workers in (0, 2):
+        copy = tmp_path / f"w{workers}"
+        for part in ("tokenizer", "ae"):
+            shutil.copytree(folder / part, copy / part)
+        args = train.FlowArgs(steps=2, batch=3, save_every=10, workers=workers, init=str(folder / "base"),
+                              mix=(0.3, 0.4, 0.3))
+        lines: list[str] = []
+        train.train_base(copy, preset, args, say=lines.append)
+        assert f"base: starting from the weights in {folder / 'base'}" in lines
+        states.append(torch.load(copy / "base" / "ckpt.pt", weights_only=True))
+    start = train.load_file(str(folder / "base" / "dit.safetensors"))
+    a, b = states
+    assert a["step"] == b["step"] == 2
+    for k, v in a["dit"].items():
+        torch.testing.assert_close(v, b["dit"][k], atol=2e-5, rtol=1e-4)
+    moved = sum(not torch.equal(v.to(start[k].dtype), start[k]) for k, v in a["dit"].items())
+    assert moved > 0, "two steps from the init changed the weights"
+
+
+def test_init_folder_must_hold_the_weights(run, tmp_path):
+    import shutil
+
+    folder, preset = run
+    for part in ("tokenizer", "ae"):
+        shutil.copytree(folder / part, tmp_path / part)
+    with pytest.raises(FileNotFoundError, match="dit.safetensors"):
+        train.train_base(tmp_path, preset, train.FlowArgs(steps=1, batch=2, init=str(tmp_path / "nowhere")),
+                         say=lambda m: None)
+
+
+def test_loose_batches_leave_attributes_out():
+    import random
+
+    from kleinbild import shapes
+
+    left_out = {"size": 0, "position": 0}
+    for seed in range(6):
+        b = train.sample_batch(random.Random(seed), 8, (0, 0, 0, 0, 1))
+        assert b.kind == "loose"
+        for prompt, target in zip(b.prompts, b.targets, strict=True):
+            assert not shapes.is_eval_scene(target)
+            words = prompt.split()
+            sizes = [w for w in words if w in ("small", "little", "big", "large")]
+            has_pos = any(w in words for w in ("top", "bottom", "left", "right", "centre", "middle"))
+            left_out["size"] += len(sizes) < len(target.objects)
+            left_out["position"] += not has_pos
+            for o in target.objects:
+                assert f"{o.colour} {o.shape}" in prompt
+            assert len(sizes) < len(target.objects) or not has_pos or len(target.objects) == 2, prompt
+    assert left_out["size"] > 5 and left_out["position"] > 5

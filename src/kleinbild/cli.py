@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--chunks", type=_positive_int, help="distill: teacher trajectory batches to record")
     t.add_argument("--stop-at", type=_positive_int, help="base: stop at this step (a checkpoint is written), keeping "
                    "the learning-rate schedule of --steps; resume later with a larger value")
+    t.add_argument("--workers", type=_positive_int, help="base: processes that draw the batches ahead (worth it "
+                   "on a GPU machine; default: none, batches drawn in the training process with a latent cache)")
+    t.add_argument("--init", help="base: start a new run from these weights (a run's base folder: dit.safetensors "
+                   "and text_encoder/) instead of from scratch")
     t.add_argument("--bundle-to", help="bundle: destination folder (default: the package's weights/nano)")
     lo = t.add_argument_group("LoRA (stages lora, lora-data, lora-eval)")
     lo.add_argument("--base", default="nano-base", help="lora: the model to adapt (default: nano-base)")
@@ -133,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("-n", type=_positive_int, default=20, help="lora-data / lora-eval: examples")
     lo.add_argument("--prior", type=int, default=0, help="lora-data: also write this many ordinary shapes-world "
                     "examples (prior preservation: unrelated prompts stay as they were)")
-    lo.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
+    lo.add_argument("--device", help="lora, base, distill: cpu, cuda, ... (default: lora the best available, "
+                    "base and distill the CPU)")
 
     e = sub.add_parser("eval", help="score a model with the shapes-world analyser on held-out prompts")
     e.add_argument("--model", "-m", default="nano")
@@ -330,7 +335,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def with_overrides(cfg):
         given = (("steps", args.steps), ("batch", args.batch), ("chunks", args.chunks), ("lr", args.lr),
-                 ("stop_at", args.stop_at))
+                 ("stop_at", args.stop_at), ("device", args.device), ("workers", args.workers),
+                 ("init", args.init))
         over = {k: v for k, v in given if v}
         over = {k: v for k, v in over.items() if k in {f.name for f in dataclasses.fields(cfg)}}
         return dataclasses.replace(cfg, seed=args.seed, **over)

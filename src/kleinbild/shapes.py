@@ -507,6 +507,32 @@ def sample_drill(rng: random.Random) -> Example:
     return Example("t2i", f"{objs} on a {ex.target.background} background", ex.target)
 
 
+def loose_caption(scene: Scene, rng: random.Random) -> str:
+    """A caption that leaves out each object's size, or position, or both (at least one attribute is left out of
+    the whole caption); the scene still has them, drawn at random. People write "a red circle on a blue background",
+    and a model trained only on fully specified captions draws nothing for it."""
+    bg, bgw = scene.background, rng.choice(BACKGROUND_WORDS)
+    while True:
+        keep = [(rng.random() < 0.4, rng.random() < 0.4) for _ in scene.objects]
+        if not all(size and pos for size, pos in keep):
+            break
+    items = []
+    for o, (size, pos) in zip(scene.objects, keep, strict=True):
+        words = [rng.choice(SIZE_WORDS[o.size])] if size else []
+        words += [o.colour, o.shape]
+        text = ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
+        items.append(text + (" " + _at(o.position, rng) if pos else ""))
+    return rng.choice((f"{_join(items)} on a {bg} {bgw}", f"{bg} {bgw}, {_join(items)}",
+                       f"a {bg} {bgw} with {_join(items)}", f"{_join(items)}"))
+
+
+def sample_loose(rng: random.Random) -> Example:
+    """Text-to-image with a loose caption (see `loose_caption`): one or two objects. Captions that leave out the
+    background too are a quarter of these; the background is then drawn at random like the rest."""
+    ex = sample_t2i(rng, n_objects=rng.choice((1, 1, 2)))
+    return Example("t2i", loose_caption(ex.target, rng), ex.target)
+
+
 def sample_example(rng: random.Random, mix: tuple[float, float, float] = (0.6, 0.25, 0.15)) -> Example:
     """A training example: t2i, edit or compose with the given weights."""
     kind = rng.choices(("t2i", "edit", "compose"), weights=mix)[0]

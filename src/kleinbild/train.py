@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +68,8 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))  # warm up so early weights do not linger
-        for s, p in zip(self.shadow.parameters(), module.parameters(), strict=True):
-            s.lerp_(p.detach(), 1 - d)
+        shadow, live = list(self.shadow.parameters()), [p.detach() for p in module.parameters()]
+        torch._foreach_lerp_(shadow, live, 1 - d)  # one launch per group instead of per tensor (matters on GPUs)
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -116,11 +116,11 @@ class Batch:
 def sample_batch(rng: random.Random, size: int, mix: tuple[float, ...]) -> Batch:
     """One kind per batch, so reference counts (and sequence lengths) agree within it.
 
-    `mix` weighs t2i, edit, compose and (optionally, fourth) position drills."""
-    kinds = ["t2i", "edit", "compose", "drill"][: len(mix)]
+    `mix` weighs t2i, edit, compose and (optionally) position drills and loose captions (shapes.sample_loose)."""
+    kinds = ["t2i", "edit", "compose", "drill", "loose"][: len(mix)]
     kind = rng.choices(kinds, weights=mix)[0]
     draw = {"t2i": shapes.sample_t2i, "edit": shapes.sample_edit, "compose": shapes.sample_compose,
-            "drill": shapes.sample_drill}[kind]
+            "drill": shapes.sample_drill, "loose": shapes.sample_loose}[kind]
     exs = [draw(rng) for _ in range(size)]
     return Batch(kind, [e.prompt for e in exs], [e.target for e in exs], [e.sources for e in exs])
 
@@ -139,7 +139,7 @@ class LatentCache:
         self.hits += len(scenes) - len(todo)
         if todo:
             with torch.no_grad():
-                z = self.ae.encode(render_batch(todo, self.size))
+                z = self.ae.encode(render_batch(todo, self.size).to(self.ae.bn.running_mean.device))
             if len(self.store) + len(todo) > self.capacity:
                 self.store.clear()
             self.store.update(zip(todo, z, strict=True))
@@ -257,13 +257,16 @@ class FlowArgs:
     size: int = 128
     seed: int = 0
     caption_dropout: float = 0.1
-    # t2i, edit, compose, position drills (see shapes.sample_drill)
-    mix: tuple[float, ...] = (0.45, 0.25, 0.1, 0.2)
+    # t2i, edit, compose, position drills (see shapes.sample_drill), loose captions (shapes.sample_loose)
+    mix: tuple[float, ...] = (0.4, 0.25, 0.1, 0.15, 0.1)
     drill_t: tuple[float, float] = (0.9, 1.0)  # drills teach where objects go, which is decided at the noisy end
     stop_at: int = 0  # stop (with a checkpoint) at this step, keeping the schedule of `steps`; 0: run to the end
     ema: float = 0.999
     save_every: int = 200
     time_shift: float = 2.5
+    device: str = "cpu"
+    workers: int = 0  # processes drawing the batches ahead (0: drawn in the training process, latents cached)
+    init: str = ""  # a folder with dit.safetensors and text_encoder/model.safetensors to start from (no checkpoint)
 
 
 def init_dit(model: Flux2Transformer) -> None:
@@ -293,21 +296,36 @@ class Conditioner:
     """Everything the DiT is conditioned on for one batch: text embedding, references, ids."""
 
     def __init__(self, tok: PromptTokenizer, te: Qwen3TextEncoder, ae: AutoEncoder, preset: ModelPreset, size: int):
-        self.tok, self.te, self.preset = tok, te, preset
+        self.tok, self.te, self.ae, self.preset = tok, te, ae, preset
         self.latents = LatentCache(ae, size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.ae.bn.running_mean.device
 
     def text(self, prompts: Sequence[str]) -> Tensor:
         ids, mask = self.tok.encode(list(prompts), self.preset.text.max_length)
-        return self.te(ids, mask)
+        return self.te(ids.to(self.device), mask.to(self.device))
 
-    def refs(self, sources: Sequence[tuple[shapes.Scene, ...]]) -> tuple[Tensor | None, Tensor | None]:
+    @torch.no_grad()
+    def encode(self, pixels: Tensor) -> Tensor:
+        """Packed latents of rendered pixels (B, 3, H, W) in [-1, 1]."""
+        return sampling.pack(self.ae.encode(pixels.to(self.device)))
+
+    def refs(
+        self, sources: Sequence[tuple[shapes.Scene, ...]], pixels: Sequence[Tensor] | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Reference tokens and ids; from `pixels` (one batch per reference) when given, else through the cache."""
         n_refs = len(sources[0])
         if n_refs == 0:
             return None, None
-        per_ref = [self.latents([s[i] for s in sources]) for i in range(n_refs)]
+        if pixels is None:
+            per_ref = [self.latents([s[i] for s in sources]).to(self.device) for i in range(n_refs)]
+        else:
+            per_ref = [self.ae.encode(px.to(self.device)) for px in pixels]
         toks = torch.cat([sampling.pack(z) for z in per_ref], dim=1)
         ids = sampling.reference_ids([tuple(z.shape[-2:]) for z in per_ref], self.preset.ref_time_offset)
-        return toks, ids
+        return toks, ids.to(self.device)
 
 
 def _load_run_models(run: Path, preset: ModelPreset) -> tuple[PromptTokenizer, AutoEncoder]:
@@ -317,10 +335,63 @@ def _load_run_models(run: Path, preset: ModelPreset) -> tuple[PromptTokenizer, A
     return tok, ae.eval().requires_grad_(False)
 
 
+class FlowData(torch.utils.data.Dataset):
+    """The batch of base-training step k, a pure function of (seed, k): examples, prompts after caption dropout,
+    noise and times; with `render`, the pixels of targets and references too, so that DataLoader workers take
+    the drawing off the training process."""
+
+    def __init__(self, args: FlowArgs, tokens: int, channels: int, render: bool):
+        self.args, self.tokens, self.channels, self.render = args, tokens, channels, render
+
+    def __len__(self) -> int:
+        return self.args.steps
+
+    def __getitem__(self, step: int) -> dict:
+        a = self.args
+        rng = random.Random(a.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
+        b = sample_batch(rng, a.batch, a.mix)
+        prompts = ["" if rng.random() < a.caption_dropout else p for p in b.prompts]
+        noise = torch.randn((a.batch, self.tokens, self.channels), generator=g)
+        if b.kind == "drill":
+            lo, hi = a.drill_t
+            t = lo + (hi - lo) * torch.rand(a.batch, generator=g)
+        else:
+            t = sample_t(a.batch, g, a.time_shift)
+        item = {"batch": b, "prompts": prompts, "noise": noise, "t": t}
+        if self.render:
+            item["target_px"] = render_batch(b.targets, a.size)
+            n_refs = len(b.sources[0])
+            item["source_px"] = [render_batch([s[i] for s in b.sources], a.size) for i in range(n_refs)]
+        return item
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def flow_batches(data: FlowData, start: int, end: int, workers: int) -> Iterator[dict]:
+    if workers == 0:
+        return (data[k] for k in range(start, end))
+    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, end), num_workers=workers,
+                                         prefetch_factor=4, worker_init_fn=_one_thread, persistent_workers=False)
+    return iter(loader)
+
+
+def _init_weights(folder: Path, dit: Flux2Transformer, te: Qwen3TextEncoder) -> None:
+    for module, file in ((dit, folder / "dit.safetensors"), (te, folder / "text_encoder" / "model.safetensors")):
+        if not file.is_file():
+            raise FileNotFoundError(f"--init {folder}: {file} is missing; give a run's base folder (it holds "
+                                    "dit.safetensors and text_encoder/model.safetensors)")
+        module.load_state_dict(load_file(str(file)))
+
+
 def train_base(run: Path, preset: ModelPreset, args: FlowArgs, say: Log = print) -> None:
     out = run / "base"
     out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(args.device)
     tok, ae = _load_run_models(run, preset)
+    ae.to(dev)
     if tok.vocab_size != preset.text.vocab_size:
         raise ValueError(
             f"the run's tokenizer has {tok.vocab_size} tokens but preset {preset.name} expects "
@@ -331,13 +402,18 @@ def train_base(run: Path, preset: ModelPreset, args: FlowArgs, say: Log = print)
     init_dit(dit)
     te = Qwen3TextEncoder(preset.text)
     init_text_encoder(te, args.seed)
+    ck = out / "ckpt.pt"
+    if args.init and not ck.is_file():
+        _init_weights(Path(args.init), dit, te)
+        say(f"base: starting from the weights in {args.init}")
+    dit.to(dev)
+    te.to(dev)
     params = list(dit.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema_dit, ema_te = EMA(dit, args.ema), EMA(te, args.ema)
     step = 0
-    ck = out / "ckpt.pt"
     if ck.is_file():
-        state = torch.load(ck, weights_only=True)
+        state = torch.load(ck, weights_only=True, map_location=dev)
         dit.load_state_dict(state["dit"])
         te.load_state_dict(state["te"])
         ema_dit.shadow.load_state_dict(state["ema_dit"])
@@ -347,30 +423,27 @@ def train_base(run: Path, preset: ModelPreset, args: FlowArgs, say: Log = print)
         say(f"base: resumed at step {step}")
     cond = Conditioner(tok, te, ae, preset, args.size)
     hw = args.size // preset.ae.downscale
-    img_ids, txt_ids = sampling.image_ids(hw, hw), sampling.text_ids(preset.text.max_length)
+    img_ids, txt_ids = sampling.image_ids(hw, hw).to(dev), sampling.text_ids(preset.text.max_length).to(dev)
+    data = FlowData(args, hw * hw, preset.ae.latent_channels, render=args.workers > 0)
     dit.train()
     te.train()
-    t0, losses = time.perf_counter(), []
+    t0, losses, done = time.perf_counter(), [], 0
     end = min(args.stop_at or args.steps, args.steps)
-    while step < end:
-        rng = random.Random(args.seed * 1_000_003 + step)
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        b = sample_batch(rng, args.batch, args.mix)
-        prompts = ["" if rng.random() < args.caption_dropout else p for p in b.prompts]
-        x0 = sampling.pack(cond.latents(b.targets))
-        ref_tok, ref_ids = cond.refs(b.sources)
-        noise = torch.randn(x0.shape, generator=g)
-        if b.kind == "drill":
-            lo, hi = args.drill_t
-            t = lo + (hi - lo) * torch.rand(x0.shape[0], generator=g)
+    for item in flow_batches(data, step, end, args.workers):
+        b: Batch = item["batch"]
+        if "target_px" in item:
+            x0 = cond.encode(item["target_px"])
+            ref_tok, ref_ids = cond.refs(b.sources, item["source_px"])
         else:
-            t = sample_t(x0.shape[0], g, args.time_shift)
+            x0 = sampling.pack(cond.latents(b.targets)).to(dev)
+            ref_tok, ref_ids = cond.refs(b.sources)
+        noise, t = item["noise"].to(dev), item["t"].to(dev)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         lr = cosine_lr(step, args.steps, args.lr, warmup=args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            txt = cond.text(prompts)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            txt = cond.text(item["prompts"])
             v = dit(xt, img_ids, txt, txt_ids, t, ref=ref_tok, ref_ids=ref_ids)
         loss = F.mse_loss(v.float(), noise - x0)
         opt.zero_grad(set_to_none=True)
@@ -379,13 +452,15 @@ def train_base(run: Path, preset: ModelPreset, args: FlowArgs, say: Log = print)
         opt.step()
         ema_dit.update(dit, step)
         ema_te.update(te, step)
-        losses.append(loss.item())
+        losses.append(loss.detach())  # no .item() per step: it would wait for the device every step
         step += 1
+        done += 1
         if step % 50 == 0:
             c = cond.latents
-            hit = c.hits / max(1, c.hits + c.misses)
-            say(f"base step {step}/{args.steps} loss {np.mean(losses[-50:]):.4f} lr {lr:.2e} "
-                f"{(time.perf_counter() - t0) / len(losses):.2f}s/step, latent cache hits {hit:.0%}")
+            hit = f", latent cache hits {c.hits / max(1, c.hits + c.misses):.0%}" if args.workers == 0 else ""
+            say(f"base step {step}/{args.steps} loss {float(torch.stack(losses[-50:]).mean()):.4f} lr {lr:.2e} "
+                f"{(time.perf_counter() - t0) / done:.3f}s/step{hit}")
+            losses = losses[-50:]
         if step % args.save_every == 0 or step == end:
             _atomic_save(
                 {"dit": dit.state_dict(), "te": te.state_dict(), "ema_dit": ema_dit.shadow.state_dict(),
@@ -442,6 +517,7 @@ class DistillArgs:
     mix: tuple[float, float, float] = (0.55, 0.3, 0.15)
     ema: float = 0.998
     save_every: int = 200
+    device: str = "cpu"
 
 
 def refine(timesteps: Sequence[float], k: int) -> list[float]:
@@ -452,11 +528,11 @@ def refine(timesteps: Sequence[float], k: int) -> list[float]:
     return out
 
 
-def _teacher(run: Path, preset: ModelPreset) -> tuple[Flux2Transformer, Qwen3TextEncoder]:
+def _teacher(run: Path, preset: ModelPreset, dev: torch.device) -> tuple[Flux2Transformer, Qwen3TextEncoder]:
     dit, te = Flux2Transformer(preset.dit), Qwen3TextEncoder(preset.text)
     dit.load_state_dict(load_file(str(run / "base" / "dit.safetensors")))
     te.load_state_dict(load_file(str(run / "base" / "text_encoder" / "model.safetensors")))
-    return dit.float().eval().requires_grad_(False), te.float().eval().requires_grad_(False)
+    return dit.float().eval().requires_grad_(False).to(dev), te.float().eval().requires_grad_(False).to(dev)
 
 
 def _chunk_batch(args: DistillArgs, c: int) -> tuple[Batch, Tensor]:
@@ -471,13 +547,14 @@ def make_trajectories(run: Path, preset: ModelPreset, args: DistillArgs, student
     """Teacher (base, CFG) solutions recorded at the student's timesteps: (B, student_steps + 1, N, C)."""
     out = run / "distill" / "traj"
     out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(args.device)
     tok, ae = _load_run_models(run, preset)
-    dit, te = _teacher(run, preset)
-    cond = Conditioner(tok, te, ae, preset, args.size)
+    dit, te = _teacher(run, preset, dev)
+    cond = Conditioner(tok, te, ae.to(dev), preset, args.size)
     hw = args.size // preset.ae.downscale
     student_t = sampling.schedule(student_steps, hw * hw)
     fine = refine(student_t, args.substeps)
-    img_ids, txt_ids = sampling.image_ids(hw, hw), sampling.text_ids(preset.text.max_length)
+    img_ids, txt_ids = sampling.image_ids(hw, hw).to(dev), sampling.text_ids(preset.text.max_length).to(dev)
     t0 = time.perf_counter()
     done = 0
     for c in range(args.chunks):
@@ -486,8 +563,8 @@ def make_trajectories(run: Path, preset: ModelPreset, args: DistillArgs, student
             continue
         b, g = _chunk_batch(args, c)
         n = len(b.prompts)
-        noise = torch.randn((n, hw * hw, preset.ae.latent_channels), generator=g)
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        noise = torch.randn((n, hw * hw, preset.ae.latent_channels), generator=g).to(dev)
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
             txt = cond.text(["" for _ in range(n)] + b.prompts)
             ref_tok, ref_ids = cond.refs(b.sources)
             if ref_tok is not None:
@@ -495,12 +572,12 @@ def make_trajectories(run: Path, preset: ModelPreset, args: DistillArgs, student
             states = [noise]
             x = noise.clone()
             for i, (t, t_next) in enumerate(zip(fine[:-1], fine[1:], strict=True)):
-                tv = torch.full((2 * n,), t)
+                tv = torch.full((2 * n,), t, device=dev)
                 v = dit(torch.cat([x, x]), img_ids, txt, txt_ids, tv, ref=ref_tok, ref_ids=ref_ids).float()
                 x = x + (t_next - t) * sampling.cfg_combine(v, args.guidance)
                 if (i + 1) % args.substeps == 0:
                     states.append(x.clone())
-        _atomic_save(torch.stack(states, dim=1).to(torch.bfloat16), path)
+        _atomic_save(torch.stack(states, dim=1).to(torch.bfloat16).cpu(), path)
         done += 1
         say(f"distill: trajectories {c + 1}/{args.chunks} ({b.kind}) {(time.perf_counter() - t0) / done:.1f}s/chunk")
 
@@ -511,41 +588,42 @@ def train_distill(run: Path, preset: ModelPreset, args: DistillArgs, say: Log = 
     student_preset = get_preset("nano")
     steps_student = student_preset.default_steps
     make_trajectories(run, preset, args, steps_student, say)
+    dev = torch.device(args.device)
     tok, ae = _load_run_models(run, preset)
-    teacher, te = _teacher(run, preset)
+    teacher, te = _teacher(run, preset, dev)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     ema = EMA(student, args.ema)
     step = 0
     ck = out / "ckpt.pt"
     if ck.is_file():
-        state = torch.load(ck, weights_only=True)
+        state = torch.load(ck, weights_only=True, map_location=dev)
         student.load_state_dict(state["dit"])
         ema.shadow.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
         say(f"distill: resumed at step {step}")
-    cond = Conditioner(tok, te, ae, preset, args.size)
+    cond = Conditioner(tok, te, ae.to(dev), preset, args.size)
     hw = args.size // preset.ae.downscale
-    ts = torch.tensor(sampling.schedule(steps_student, hw * hw))
-    img_ids, txt_ids = sampling.image_ids(hw, hw), sampling.text_ids(preset.text.max_length)
+    ts = torch.tensor(sampling.schedule(steps_student, hw * hw), device=dev)
+    img_ids, txt_ids = sampling.image_ids(hw, hw).to(dev), sampling.text_ids(preset.text.max_length).to(dev)
     t0, losses = time.perf_counter(), []
     while step < args.steps:
         rng = random.Random(args.seed * 9_000_011 + step)
         c = rng.randrange(args.chunks)
         b, _ = _chunk_batch(args, c)
-        states = torch.load(out / "traj" / f"{c:05d}.pt", weights_only=True).float()
+        states = torch.load(out / "traj" / f"{c:05d}.pt", weights_only=True).float().to(dev)
         n = states.shape[0]
-        i = torch.tensor([rng.randrange(steps_student) for _ in range(n)])
-        x = states[torch.arange(n), i]
-        target = (states[torch.arange(n), i + 1] - x) / (ts[i + 1] - ts[i])[:, None, None]
+        i = torch.tensor([rng.randrange(steps_student) for _ in range(n)], device=dev)
+        x = states[torch.arange(n, device=dev), i]
+        target = (states[torch.arange(n, device=dev), i + 1] - x) / (ts[i + 1] - ts[i])[:, None, None]
         lr = cosine_lr(step, args.steps, args.lr, warmup=100)
         for group in opt.param_groups:
             group["lr"] = lr
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
             txt = cond.text(b.prompts)
             ref_tok, ref_ids = cond.refs(b.sources)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             v = student(x, img_ids, txt, txt_ids, ts[i], ref=ref_tok, ref_ids=ref_ids)
         loss = F.mse_loss(v.float(), target)
         opt.zero_grad(set_to_none=True)

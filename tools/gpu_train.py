@@ -1,0 +1,119 @@
+"""Continue the nano recipe on a lent GPU machine inside a fixed time budget, then distil, bundle and evaluate.
+
+Used with the device tool (see tools/gpu_train.sh): the run folder (tokenizer, autoencoder) and the starting
+weights travel in `.gpu/`; everything worth keeping is written to $OUT, a few files under 16 MiB each. The step
+counts are derived from a short calibration, so the learning-rate schedules fit the budget; the log records them,
+and `kleinbild train base --steps N --batch B --init ...` replays the run with those numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kleinbild import train
+from kleinbild.config import get_preset
+
+BASE_MIX = (0.35, 0.3, 0.15, 0.1, 0.1)
+DISTILL_MIX = (0.35, 0.3, 0.15, 0.05, 0.15)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--src", default=".gpu")
+    ap.add_argument("--base-seconds", type=float, default=280)
+    ap.add_argument("--distill-seconds", type=float, default=100)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--cal-steps", type=int, default=150)
+    ap.add_argument("--distill-chunks", type=int, default=300)
+    ap.add_argument("--distill-batch", type=int, default=64)
+    ap.add_argument("--eval-n", type=int, default=50)
+    ap.add_argument("--workers", type=int, default=min(14, (os.cpu_count() or 2) - 2))
+    args = ap.parse_args()
+    out = Path(os.environ.get("OUT", "/tmp/out"))
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "train.log", "a")  # noqa: SIM115 - open for the whole run
+
+    def say(msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    src = Path(args.src)
+    preset = get_preset("nano-base")
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+    say(f"torch {torch.__version__}, {name}, {args.workers} data workers")
+
+    # Calibration: the same configuration for a few steps in a scratch run.
+    stamps: list[tuple[int, float]] = []
+
+    def cal_say(msg: str) -> None:
+        if msg.startswith("base step"):
+            stamps.append((int(msg.split()[2].split("/")[0]), time.perf_counter()))
+        say("calibration: " + msg)
+
+    cal = Path("/tmp/cal")
+    shutil.copytree(src / "run", cal, dirs_exist_ok=True)
+    common = dict(batch=args.batch, workers=args.workers, device=args.device, mix=BASE_MIX, init=str(src / "init"))
+    train.train_base(cal, preset, train.FlowArgs(steps=args.cal_steps, save_every=10**9, **common), say=cal_say)
+    (s0, t0), (s1, t1) = stamps[-3], stamps[-1]
+    per_step = (t1 - t0) / (s1 - s0)
+    steps = int(args.base_seconds / per_step)
+    say(f"calibration: {per_step * 1000:.1f} ms/step at batch {args.batch} -> base {steps} steps")
+
+    run = Path("/tmp/run")
+    shutil.copytree(src / "run", run, dirs_exist_ok=True)
+    t = time.perf_counter()
+    base_args = train.FlowArgs(steps=steps, lr=args.lr, warmup=200, save_every=2000, **common)
+    say(f"base: {base_args}")
+    train.train_base(run, preset, base_args, say=say)
+    say(f"base: {time.perf_counter() - t:.0f} s")
+    ck = torch.load(run / "base" / "ckpt.pt", weights_only=True, map_location="cpu")
+    dit = {k: v.float().contiguous() for k, v in ck["ema_dit"].items()}
+    keys = sorted(dit)
+    half = len(keys) // 2
+    save_file({k: dit[k] for k in keys[:half]}, str(out / "ema_dit_a.safetensors"))
+    save_file({k: dit[k] for k in keys[half:]}, str(out / "ema_dit_b.safetensors"))
+    save_file({k: v.float().contiguous() for k, v in ck["ema_te"].items()}, str(out / "ema_te.safetensors"))
+    shutil.copy(run / "base" / "dit.safetensors", out / "base_dit.safetensors")
+    shutil.copy(run / "base" / "text_encoder" / "model.safetensors", out / "base_te.safetensors")
+
+    t = time.perf_counter()
+    d_steps = max(1, int(args.distill_seconds / (0.45 * per_step)))
+    d_args = train.DistillArgs(chunks=args.distill_chunks, batch=args.distill_batch, steps=d_steps, lr=1e-4,
+                               device=args.device, mix=DISTILL_MIX, seed=1)
+    say(f"distill: {d_args}")
+
+    def distill_say(msg: str) -> None:
+        if "trajectories" not in msg or int(msg.split()[2].split("/")[0]) % 50 in (0, 1):
+            say(msg)
+
+    train.train_distill(run, preset, d_args, say=distill_say)
+    say(f"distill: {time.perf_counter() - t:.0f} s")
+    shutil.copy(run / "distill" / "dit.safetensors", out / "nano_dit.safetensors")
+
+    dest = train.export_bundle(run, say=say)  # the package's weights/nano in this copy of the tree
+    assert load_file(str(dest / "flux-2-nano.safetensors")).keys() == dit.keys()
+    n_base = str(max(1, args.eval_n * 2 // 5))
+    for model, extra in (("nano", ["--n", str(args.eval_n)]), ("nano-base", ["--n", n_base, "--steps", "50"])):
+        cmd = [sys.executable, "-m", "kleinbild", "eval", "-m", model, "--device", args.device, "--json", *extra]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        say(res.stdout.strip() + res.stderr.strip()[-2000:])
+    say("summary " + json.dumps({"base_steps": steps, "distill_steps": d_steps, "ms_per_step": per_step * 1000}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
