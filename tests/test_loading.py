@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +204,17 @@ def test_unknown_preset_lists_the_choices(official_files):
     f = official_files
     with pytest.raises(ValueError, match="unknown model preset 'klein-5b'.*klein-4b"):
         KleinPipeline.from_pretrained(f["dit"], vae=f["ae"], text_encoder=f["qwen"], preset="klein-5b", **KW)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="madvise on file mappings: Linux only")
+def test_release_file_pages_keeps_values_and_skips_anonymous_memory(tmp_path):
+    from kleinbild.loading import read_tensors, release_file_pages
+
+    save_file({"a": torch.randn(512, 1024), "b": torch.randn(7)}, str(tmp_path / "w.safetensors"))
+    t = read_tensors([tmp_path / "w.safetensors"])
+    before = t["a"].clone()
+    assert release_file_pages([t["a"], t["b"]]) >= t["a"].nbytes - 2 * 4096  # whole pages of "a"; "b" is smaller
+    assert torch.equal(t["a"], before), "released pages are read back from the file"
+    anon = torch.randn(1024, 1024)
+    copy = anon.clone()
+    assert release_file_pages([anon]) == 0 and torch.equal(anon, copy)

@@ -38,6 +38,8 @@ def main() -> int:
     ap.add_argument("--cal-steps", type=int, default=150)
     ap.add_argument("--distill-chunks", type=int, default=300)
     ap.add_argument("--distill-batch", type=int, default=64)
+    ap.add_argument("--distill-steps", type=int, default=0, help="0: from --distill-seconds")
+    ap.add_argument("--student-init", default="", help="start the student from these weights")
     ap.add_argument("--eval-n", type=int, default=50)
     ap.add_argument("--workers", type=int, default=min(14, (os.cpu_count() or 2) - 2))
     args = ap.parse_args()
@@ -68,7 +70,7 @@ def main() -> int:
     shutil.copytree(src / "run", cal, dirs_exist_ok=True)
     common = dict(batch=args.batch, workers=args.workers, device=args.device, mix=BASE_MIX, init=str(src / "init"))
     train.train_base(cal, preset, train.FlowArgs(steps=args.cal_steps, save_every=10**9, **common), say=cal_say)
-    (s0, t0), (s1, t1) = stamps[-3], stamps[-1]
+    (s0, t0), (s1, t1) = stamps[0], stamps[-1]  # from the first report on: worker start-up left out
     per_step = (t1 - t0) / (s1 - s0)
     steps = int(args.base_seconds / per_step)
     say(f"calibration: {per_step * 1000:.1f} ms/step at batch {args.batch} -> base {steps} steps")
@@ -91,9 +93,10 @@ def main() -> int:
     shutil.copy(run / "base" / "text_encoder" / "model.safetensors", out / "base_te.safetensors")
 
     t = time.perf_counter()
-    d_steps = max(1, int(args.distill_seconds / (0.45 * per_step)))
+    d_steps = args.distill_steps or max(1, int(args.distill_seconds / (0.45 * per_step)))
     d_args = train.DistillArgs(chunks=args.distill_chunks, batch=args.distill_batch, steps=d_steps, lr=1e-4,
-                               device=args.device, mix=DISTILL_MIX, seed=1)
+                               device=args.device, mix=DISTILL_MIX, seed=1,
+                               init=args.student_init)
     say(f"distill: {d_args}")
 
     def distill_say(msg: str) -> None:
@@ -104,6 +107,8 @@ def main() -> int:
     say(f"distill: {time.perf_counter() - t:.0f} s")
     shutil.copy(run / "distill" / "dit.safetensors", out / "nano_dit.safetensors")
 
+    if args.eval_n == 0:
+        return 0
     dest = train.export_bundle(run, say=say)  # the package's weights/nano in this copy of the tree
     assert load_file(str(dest / "flux-2-nano.safetensors")).keys() == dit.keys()
     n_base = str(max(1, args.eval_n * 2 // 5))

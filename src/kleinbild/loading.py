@@ -356,7 +356,52 @@ def dit_state(files: ModelFiles) -> dict[str, Tensor]:
     from kleinbild.quant import strip_prefix  # ComfyUI-saved files prefix the official names
 
     sd = read_tensors(files.dit_files, rename=strip_prefix if files.dit_layout == "bfl" else lambda k: k)
-    return dit_from_diffusers(sd) if files.dit_layout == "diffusers" else sd
+    if files.dit_layout != "diffusers":
+        return sd
+    out = dit_from_diffusers(sd)
+    # The re-fused q/k/v are new tensors; their mapped sources were read once and are not needed again.
+    kept = {id(t) for t in out.values()}
+    release_file_pages([t for t in sd.values() if id(t) not in kept])
+    return out
+
+
+def _file_mappings() -> list[tuple[int, int, str]]:
+    out = []
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].startswith("/"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                out.append((lo, hi, parts[5].strip()))
+    return out
+
+
+def release_file_pages(tensors: Iterable[Tensor]) -> int:
+    """Drop this process's resident pages under tensors that are views of a memory-mapped .safetensors file
+    (madvise DONTNEED; Linux only). A later read would fault them in again from the file, so this never changes a
+    value; tensors in anonymous memory are left alone (there the call would zero them). Returns bytes released."""
+    import ctypes
+    import mmap
+    import sys
+
+    tensors = [t for t in tensors if t.device.type == "cpu" and t.numel()]
+    if sys.platform != "linux" or not tensors:
+        return 0
+    try:
+        maps = _file_mappings()
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    page, released = mmap.PAGESIZE, 0
+    for t in tensors:
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        if not any(lo <= start and end <= hi and path.endswith(".safetensors") for lo, hi, path in maps):
+            continue
+        a, b = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+        if b > a and madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4) == 0:  # 4: MADV_DONTNEED
+            released += b - a
+    return released
 
 
 def ae_state(files: ModelFiles) -> dict[str, Tensor]:

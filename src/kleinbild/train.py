@@ -105,6 +105,17 @@ def render_batch(scenes: Sequence[shapes.Scene], size: int) -> Tensor:
     return torch.cat([to_tensor(shapes.render(s, size)) for s in scenes])
 
 
+def render_bytes(scenes: Sequence[shapes.Scene], size: int) -> Tensor:
+    """(B, 3, H, W) uint8: a quarter of the bytes of `render_batch` to pass between processes."""
+    return torch.from_numpy(np.stack([np.asarray(shapes.render(s, size).convert("RGB")) for s in scenes])).permute(
+        0, 3, 1, 2)
+
+
+def bytes_to_unit(px: Tensor) -> Tensor:
+    """uint8 pixels -> float32 in [-1, 1], the same values as `to_tensor`."""
+    return (px.float() / 255.0) * 2.0 - 1.0
+
+
 @dataclass
 class Batch:
     kind: str
@@ -309,8 +320,8 @@ class Conditioner:
 
     @torch.no_grad()
     def encode(self, pixels: Tensor) -> Tensor:
-        """Packed latents of rendered pixels (B, 3, H, W) in [-1, 1]."""
-        return sampling.pack(self.ae.encode(pixels.to(self.device)))
+        """Packed latents of rendered pixels (B, 3, H, W), uint8."""
+        return sampling.pack(self.ae.encode(bytes_to_unit(pixels.to(self.device, non_blocking=True))))
 
     def refs(
         self, sources: Sequence[tuple[shapes.Scene, ...]], pixels: Sequence[Tensor] | None = None
@@ -322,7 +333,7 @@ class Conditioner:
         if pixels is None:
             per_ref = [self.latents([s[i] for s in sources]).to(self.device) for i in range(n_refs)]
         else:
-            per_ref = [self.ae.encode(px.to(self.device)) for px in pixels]
+            per_ref = [self.ae.encode(bytes_to_unit(px.to(self.device, non_blocking=True))) for px in pixels]
         toks = torch.cat([sampling.pack(z) for z in per_ref], dim=1)
         ids = sampling.reference_ids([tuple(z.shape[-2:]) for z in per_ref], self.preset.ref_time_offset)
         return toks, ids.to(self.device)
@@ -360,9 +371,9 @@ class FlowData(torch.utils.data.Dataset):
             t = sample_t(a.batch, g, a.time_shift)
         item = {"batch": b, "prompts": prompts, "noise": noise, "t": t}
         if self.render:
-            item["target_px"] = render_batch(b.targets, a.size)
+            item["target_px"] = render_bytes(b.targets, a.size)
             n_refs = len(b.sources[0])
-            item["source_px"] = [render_batch([s[i] for s in b.sources], a.size) for i in range(n_refs)]
+            item["source_px"] = [render_bytes([s[i] for s in b.sources], a.size) for i in range(n_refs)]
         return item
 
 
@@ -370,11 +381,12 @@ def _one_thread(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def flow_batches(data: FlowData, start: int, end: int, workers: int) -> Iterator[dict]:
+def flow_batches(data: FlowData, start: int, end: int, workers: int, pin: bool = False) -> Iterator[dict]:
     if workers == 0:
         return (data[k] for k in range(start, end))
     loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, end), num_workers=workers,
-                                         prefetch_factor=4, worker_init_fn=_one_thread, persistent_workers=False)
+                                         prefetch_factor=4, worker_init_fn=_one_thread, persistent_workers=False,
+                                         pin_memory=pin)
     return iter(loader)
 
 
@@ -429,7 +441,7 @@ def train_base(run: Path, preset: ModelPreset, args: FlowArgs, say: Log = print)
     te.train()
     t0, losses, done = time.perf_counter(), [], 0
     end = min(args.stop_at or args.steps, args.steps)
-    for item in flow_batches(data, step, end, args.workers):
+    for item in flow_batches(data, step, end, args.workers, pin=dev.type == "cuda"):
         b: Batch = item["batch"]
         if "target_px" in item:
             x0 = cond.encode(item["target_px"])
@@ -518,6 +530,7 @@ class DistillArgs:
     ema: float = 0.998
     save_every: int = 200
     device: str = "cpu"
+    init: str = ""  # a student dit.safetensors to start from (e.g. the previous nano) instead of the teacher
 
 
 def refine(timesteps: Sequence[float], k: int) -> list[float]:
@@ -592,6 +605,9 @@ def train_distill(run: Path, preset: ModelPreset, args: DistillArgs, say: Log = 
     tok, ae = _load_run_models(run, preset)
     teacher, te = _teacher(run, preset, dev)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
+    if args.init:
+        student.load_state_dict(load_file(args.init))  # a 4-step student already: far fewer steps needed
+        say(f"distill: student starts from {args.init}")
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     ema = EMA(student, args.ema)
     step = 0

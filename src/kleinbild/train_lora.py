@@ -447,10 +447,13 @@ def _concept_scene(rng: random.Random, shape: str) -> shapes.Scene:
 
 
 def make_concept_data(out: Path | str, shape: str = "bar", n: int = 20, seed: int = 0, size: int = 128,
-                      prior: int = 0) -> Path:
+                      prior: int = 0, prior_pipe: Any = None) -> Path:
     """Write `n` captioned single-object scenes of the concept shape (image + .txt), seeded, and `prior` ordinary
-    shapes-world scenes with their captions: prior preservation (as in DreamBooth), so the adapter learns what is
-    new without unlearning what the model already draws. No prior scene is an evaluation scene."""
+    shapes-world prompts with images: prior preservation (as in DreamBooth), so the adapter learns what is new
+    without unlearning what the model already draws. The prior images are the rendered scenes, or with
+    `prior_pipe` (the model to be adapted) the model's own images for those prompts: then the adapter is pulled
+    towards what the model does now, not towards the world's ground truth, which the model only approximates
+    (training on the truth moves unrelated prompts too). No prior scene is an evaluation scene."""
     _check_concept(shape)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -461,7 +464,11 @@ def make_concept_data(out: Path | str, shape: str = "bar", n: int = 20, seed: in
         (out / f"{shape}-{i:03d}.txt").write_text(shapes.caption(scene, rng) + "\n")
     for i in range(prior):
         ex = shapes.sample_t2i(rng)
-        shapes.render(ex.target, size).save(out / f"prior-{i:03d}.png")
+        if prior_pipe is None:
+            img = shapes.render(ex.target, size)
+        else:
+            img = prior_pipe.generate(ex.prompt, width=size, height=size, seed=seed * 100_003 + i).images[0]
+        img.save(out / f"prior-{i:03d}.png")
         (out / f"prior-{i:03d}.txt").write_text(ex.prompt + "\n")
     return out
 
