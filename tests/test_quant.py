@@ -315,3 +315,23 @@ def test_just_in_time_path_is_the_dequantized_matmul():
                 assert got.dtype == dt and quant.relative_error(got.float(), want) < 1e-2, (fmt, dt)
         finally:
             quant.set_native(fmt, True)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="madvise on file mappings: Linux only")
+def test_quantize_on_load_releases_the_mapped_originals(tmp_path, monkeypatch):
+    """Each quantized layer's full-precision source pages are handed back (they are never read again)."""
+    from safetensors.torch import save_file
+
+    from kleinbild import quant
+    from kleinbild.loading import read_tensors
+
+    w = torch.randn(64, 128)
+    save_file({"double_blocks.0.img_attn.qkv.weight": w}, str(tmp_path / "d.safetensors"))
+    state = read_tensors([tmp_path / "d.safetensors"])
+    released = []
+    real = quant.release_file_pages
+    monkeypatch.setattr(quant, "release_file_pages", lambda ts: released.append(real(ts)))
+    out = quant.quantize_state(state, "int8")
+    assert list(out) == ["double_blocks.0.img_attn.qkv"] and not state
+    assert released and released[0] >= w.nbytes - 2 * 4096
+    torch.testing.assert_close(out["double_blocks.0.img_attn.qkv"].dequantize(torch.float32), w, atol=0.03, rtol=0)

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kleinbild.loading import release_file_pages
+
 log = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("fp8", "nvfp4", "int8")
@@ -190,17 +192,23 @@ def quantize_weight(w: Tensor, fmt: str) -> QuantWeight:
     if w.ndim != 2:
         raise ValueError(f"only 2-D (linear) weights are quantized, got shape {tuple(w.shape)}")
     n, k = w.shape
+    if fmt == "int8":
+        data = torch.empty((n, k), dtype=torch.int8, device=w.device)
+        s = torch.empty(n, dtype=torch.float32, device=w.device)
+        rows = max(1, (1 << 18) // max(k, 1))  # row blocks of ~1 MB in float32 stay in cache: same values, faster
+        for r in range(0, n, rows):
+            wf = w[r : r + rows].detach().float()
+            amax = wf.abs().amax(dim=1)
+            sb = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+            data[r : r + rows] = torch.round(wf / sb[:, None]).clamp(-127, 127)
+            s[r : r + rows] = sb
+        return QuantWeight("int8", (n, k), data, s)
     wf = w.detach().float()
     if fmt == "fp8":
         amax = wf.abs().max()
         s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
         data = (wf / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         return QuantWeight("fp8", (n, k), data, s.reshape(()))
-    if fmt == "int8":
-        amax = wf.abs().amax(dim=1)
-        s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-        data = torch.round(wf / s[:, None]).clamp(-127, 127).to(torch.int8)
-        return QuantWeight("int8", (n, k), data, s)
     if k % BLOCK:
         raise ValueError(f"NVFP4 needs the input dimension to be a multiple of {BLOCK}, got {k}")
     amax = wf.abs().max()
@@ -406,6 +414,7 @@ def quantize_state(
             continue  # not block-aligned: stays full precision, as in the official files
         w = state.pop(key)
         out[key.removesuffix(".weight")] = quantize_weight(w.to(device) if device is not None else w, fmt)
+        release_file_pages([w])  # the mapped full-precision pages are not read again: keep only the quantized copy
     return out
 
 
