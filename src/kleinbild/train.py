@@ -390,10 +390,11 @@ def flow_batches(data: FlowData, start: int, end: int, workers: int, pin: bool =
     return iter(loader)
 
 
-def _init_weights(folder: Path, dit: Flux2Transformer, te: Qwen3TextEncoder) -> None:
+def _load_base_weights(folder: Path, dit: Flux2Transformer, te: Qwen3TextEncoder) -> None:
+    """Weights from a base folder as `train_base` writes it: dit.safetensors and text_encoder/model.safetensors."""
     for module, file in ((dit, folder / "dit.safetensors"), (te, folder / "text_encoder" / "model.safetensors")):
         if not file.is_file():
-            raise FileNotFoundError(f"--init {folder}: {file} is missing; give a run's base folder (it holds "
+            raise FileNotFoundError(f"{folder}: {file} is missing; give a run's base folder (it holds "
                                     "dit.safetensors and text_encoder/model.safetensors)")
         module.load_state_dict(load_file(str(file)))
 
@@ -416,7 +417,7 @@ def train_base(run: Path, preset: ModelPreset, args: FlowArgs, say: Log = print)
     init_text_encoder(te, args.seed)
     ck = out / "ckpt.pt"
     if args.init and not ck.is_file():
-        _init_weights(Path(args.init), dit, te)
+        _load_base_weights(Path(args.init), dit, te)
         say(f"base: starting from the weights in {args.init}")
     dit.to(dev)
     te.to(dev)
@@ -543,8 +544,7 @@ def refine(timesteps: Sequence[float], k: int) -> list[float]:
 
 def _teacher(run: Path, preset: ModelPreset, dev: torch.device) -> tuple[Flux2Transformer, Qwen3TextEncoder]:
     dit, te = Flux2Transformer(preset.dit), Qwen3TextEncoder(preset.text)
-    dit.load_state_dict(load_file(str(run / "base" / "dit.safetensors")))
-    te.load_state_dict(load_file(str(run / "base" / "text_encoder" / "model.safetensors")))
+    _load_base_weights(run / "base", dit, te)
     return dit.float().eval().requires_grad_(False).to(dev), te.float().eval().requires_grad_(False).to(dev)
 
 
