@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from kleinbild import train
 from kleinbild.config import get_preset
@@ -155,3 +156,20 @@ def test_loose_batches_leave_attributes_out():
                 assert f"{o.colour} {o.shape}" in prompt
             assert len(sizes) < len(target.objects) or not has_pos or len(target.objects) == 2, prompt
     assert left_out["size"] > 5 and left_out["position"] > 5
+
+
+def test_decoder_only_keeps_the_encoder_and_latent_space(run, tmp_path):
+    folder, preset = run
+    start = folder / "ae" / "ae.safetensors"
+    before = load_file(str(start))
+    args = train.AEArgs(steps=3, batch=2, crop=32, save_every=100, init=str(start), decoder_only=True, lr=1e-2)
+    train.train_autoencoder(tmp_path, preset, args, say=lambda m: None)
+    after = load_file(str(tmp_path / "ae" / "ae.safetensors"))
+    assert after.keys() == before.keys()
+    kept = [k for k in before if not k.startswith("decoder.")]
+    assert kept and all(torch.equal(before[k], after[k]) for k in kept), "encoder or latent statistics changed"
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    with pytest.raises(ValueError, match="--init"):
+        train.train_autoencoder(tmp_path / "x", preset, replace(args, init=""), say=lambda m: None)
+    with pytest.raises(FileNotFoundError, match="no-such.safetensors"):
+        train.train_autoencoder(tmp_path / "y", preset, replace(args, init="no-such.safetensors"), say=lambda m: None)

@@ -116,8 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "the learning-rate schedule of --steps; resume later with a larger value")
     t.add_argument("--workers", type=_positive_int, help="base: processes that draw the batches ahead (worth it "
                    "on a GPU machine; default: none, batches drawn in the training process with a latent cache)")
-    t.add_argument("--init", help="base: start a new run from these weights (a run's base folder: dit.safetensors "
-                   "and text_encoder/) instead of from scratch")
+    t.add_argument("--init", help="start a new run from these weights instead of from scratch: base: a run's "
+                   "base folder (dit.safetensors and text_encoder/); distill: a student dit.safetensors; ae: an "
+                   "ae.safetensors")
+    t.add_argument("--decoder-only", action="store_true", help="ae: train the decoder alone from --init (the "
+                   "encoder and latent statistics stay, so DiTs trained on them stay valid)")
     t.add_argument("--bundle-to", help="bundle: destination folder (default: the package's weights/nano)")
     lo = t.add_argument_group("LoRA (stages lora, lora-data, lora-eval)")
     lo.add_argument("--base", default="nano-base", help="lora: the model to adapt (default: nano-base)")
@@ -339,7 +342,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     def with_overrides(cfg):
         given = (("steps", args.steps), ("batch", args.batch), ("chunks", args.chunks), ("lr", args.lr),
                  ("stop_at", args.stop_at), ("device", args.device), ("workers", args.workers),
-                 ("init", args.init))
+                 ("init", args.init), ("decoder_only", args.decoder_only))
         over = {k: v for k, v in given if v}
         over = {k: v for k, v in over.items() if k in {f.name for f in dataclasses.fields(cfg)}}
         return dataclasses.replace(cfg, seed=args.seed, **over)

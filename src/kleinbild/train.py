@@ -178,24 +178,42 @@ class AEArgs:
     crop: int = 64  # train on crops of full-size renders: same object scale, a quarter of the compute
     seed: int = 0
     save_every: int = 250
+    device: str = "cpu"
+    init: str = ""  # an ae.safetensors to start from instead of random weights (no checkpoint in the run yet)
+    # Train the decoder alone: the encoder and the latent statistics stay as they are, so a DiT trained on this
+    # autoencoder's latents stays valid and only the pixels it is read out to get better.
+    decoder_only: bool = False
 
 
 def train_autoencoder(run: Path, preset: ModelPreset, args: AEArgs, say: Log = print) -> AutoEncoder:
     out = run / "ae"
     out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(args.device)
     torch.manual_seed(args.seed)
     ae = AutoEncoder(preset.ae)
-    opt = torch.optim.AdamW(ae.parameters(), lr=args.lr, weight_decay=0.0)
+    if args.init:
+        init = Path(args.init)
+        if not init.is_file():
+            raise FileNotFoundError(f"--init {init}: no such autoencoder file (give an ae.safetensors)")
+        ae.load_state_dict(load_file(str(init)))
+    elif args.decoder_only:
+        raise ValueError("decoder-only training keeps an existing encoder: give the autoencoder to start from (--init)")
+    ae.to(dev)
+    trained = ae.decoder if args.decoder_only else ae
+    opt = torch.optim.AdamW(trained.parameters(), lr=args.lr, weight_decay=0.0)
     step = 0
     ck = out / "ckpt.pt"
     if ck.is_file():
-        state = torch.load(ck, weights_only=True)
+        state = torch.load(ck, weights_only=True, map_location=dev)
         ae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
         say(f"ae: resumed at step {step}")
     ae.train()
-    t0, losses = time.perf_counter(), []
+    if args.decoder_only:
+        ae.encoder.eval().requires_grad_(False)
+    z = preset.ae.z_channels
+    t0, first, losses = time.perf_counter(), step, []
     while step < args.steps:
         rng = random.Random(args.seed * 1_000_003 + step)
         x = render_batch([shapes.sample_scene(rng) for _ in range(args.batch)], args.size)
@@ -206,29 +224,35 @@ def train_autoencoder(run: Path, preset: ModelPreset, args: AEArgs, say: Log = p
                 top, left = (rng.randrange(0, args.size - args.crop + 1, m) for _ in range(2))
                 crops.append(img[:, top : top + args.crop, left : left + args.crop])
             x = torch.stack(crops)
+        x = x.to(dev, non_blocking=True)
         lr = cosine_lr(step, args.steps, args.lr, warmup=200)
         for group in opt.param_groups:
             group["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            moments = ae.encoder(x)
-            mean = moments[:, : preset.ae.z_channels]
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            with torch.set_grad_enabled(not args.decoder_only):
+                mean = ae.encoder(x)[:, :z]
             rec = ae.decoder(mean)
         rec = rec.float()
         # L1 keeps edges crisp; the small latent penalty keeps the scale bounded for the DiT.
-        loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + 1e-4 * mean.float().pow(2).mean()
+        loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x)
+        if not args.decoder_only:
+            loss = loss + 1e-4 * mean.float().pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())
         step += 1
         if step % 50 == 0:
-            say(f"ae step {step}/{args.steps} loss {np.mean(losses[-50:]):.4f} lr {lr:.2e} "
-                f"{(time.perf_counter() - t0) / len(losses):.2f}s/step")
+            recent = torch.stack(losses[-50:]).mean().item()  # one host sync per report, not per step
+            say(f"ae step {step}/{args.steps} loss {recent:.4f} lr {lr:.2e} "
+                f"{(time.perf_counter() - t0) / (step - first):.2f}s/step")
+            losses = losses[-50:]
         if step % args.save_every == 0 or step == args.steps:
             _atomic_save({"model": ae.state_dict(), "opt": opt.state_dict(), "step": step}, ck)
-    ae.eval()
-    set_latent_stats(ae, preset, args.size, args.seed)
+    ae.eval().cpu()
+    if not args.decoder_only:
+        set_latent_stats(ae, preset, args.size, args.seed)
     _atomic_safetensors(ae.state_dict(), out / "ae.safetensors")
     err = reconstruction_error(ae, args.size, args.seed + 1)
     say(f"ae: done, mean abs reconstruction error {err:.4f} (on [-1, 1]); saved {out / 'ae.safetensors'}")
