@@ -173,3 +173,28 @@ def test_decoder_only_keeps_the_encoder_and_latent_space(run, tmp_path):
         train.train_autoencoder(tmp_path / "x", preset, replace(args, init=""), say=lambda m: None)
     with pytest.raises(FileNotFoundError, match="no-such.safetensors"):
         train.train_autoencoder(tmp_path / "y", preset, replace(args, init="no-such.safetensors"), say=lambda m: None)
+
+
+@torch.no_grad()
+def test_grown_dit_starts_as_the_smaller_one():
+    from kleinbild.transformer import Flux2Transformer
+
+    cfg = get_preset("nano").dit
+    torch.manual_seed(0)
+    small = Flux2Transformer(replace(cfg, depth_single=2)).eval()
+    for p in small.parameters():  # random everywhere, so every block matters to the output
+        p.copy_(torch.randn(p.shape) * 0.1)
+    big = Flux2Transformer(replace(cfg, depth_single=4)).eval()
+    assert train.load_dit_grown(big, small.state_dict()) == 2
+    assert not any(torch.equal(b.linear1.weight, torch.zeros_like(b.linear1.weight)) for b in big.single_blocks[2:])
+    img, txt = torch.randn(2, 16, cfg.in_channels), torch.randn(2, 5, cfg.context_dim)
+    iid = torch.zeros(2, 16, 4, dtype=torch.long)
+    iid[..., 1], iid[..., 2] = torch.arange(16) // 4, torch.arange(16) % 4
+    tid = torch.zeros(2, 5, 4, dtype=torch.long)
+    tid[..., 3] = torch.arange(5)
+    t = torch.tensor([0.9, 0.3])
+    torch.testing.assert_close(big(img, iid, txt, tid, t), small(img, iid, txt, tid, t), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="only single-stream blocks"):
+        train.load_dit_grown(Flux2Transformer(replace(cfg, depth=4)), small.state_dict())
+    with pytest.raises(ValueError, match="lacks"):
+        train.load_dit_grown(Flux2Transformer(replace(cfg, depth_single=1)), small.state_dict())

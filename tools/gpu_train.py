@@ -9,11 +9,13 @@ and `kleinbild train base --steps N --batch B --init ...` replays the run with t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +25,9 @@ from safetensors.torch import load_file, save_file
 from kleinbild import train
 from kleinbild.config import get_preset
 
-BASE_MIX = (0.35, 0.3, 0.15, 0.1, 0.1)
-DISTILL_MIX = (0.35, 0.3, 0.15, 0.05, 0.15)
+
+def _mix(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
 
 
 def main() -> int:
@@ -42,10 +45,17 @@ def main() -> int:
     ap.add_argument("--student-init", default="", help="start the student from these weights")
     ap.add_argument("--eval-n", type=int, default=50)
     ap.add_argument("--workers", type=int, default=min(14, (os.cpu_count() or 2) - 2))
+    ap.add_argument("--base-mix", type=_mix, default=(0.35, 0.3, 0.15, 0.1, 0.1), help="t2i,edit,compose,drill,loose")
+    ap.add_argument("--distill-mix", type=_mix, default=(0.35, 0.3, 0.15, 0.05, 0.15))
+    ap.add_argument("--depth-single", type=int, default=0, help="grow the DiT to this many single-stream blocks")
+    ap.add_argument("--decoder-seconds", type=float, default=0,
+                    help="instead of the DiT stages: fine-tune the autoencoder's decoder for this long")
+    ap.add_argument("--decoder-batch", type=int, default=128)
+    ap.add_argument("--decoder-lr", type=float, default=5e-4)
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / "train.log", "a")  # noqa: SIM115 - open for the whole run
+    logf = open(out / ("decoder.log" if args.decoder_seconds else "train.log"), "a")  # noqa: SIM115 - whole run
 
     def say(msg: str) -> None:
         line = f"{time.strftime('%H:%M:%S')} {msg}"
@@ -55,8 +65,12 @@ def main() -> int:
 
     src = Path(args.src)
     preset = get_preset("nano-base")
+    if args.depth_single:  # grow: the added single-stream blocks start as the identity (train.load_dit_grown)
+        preset = dataclasses.replace(preset, dit=dataclasses.replace(preset.dit, depth_single=args.depth_single))
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     say(f"torch {torch.__version__}, {name}, {args.workers} data workers")
+    if args.decoder_seconds:
+        return decoder(args, src, preset, out, say)
 
     # Calibration: the same configuration for a few steps in a scratch run.
     stamps: list[tuple[int, float]] = []
@@ -68,7 +82,7 @@ def main() -> int:
 
     cal = Path("/tmp/cal")
     shutil.copytree(src / "run", cal, dirs_exist_ok=True)
-    common = dict(batch=args.batch, workers=args.workers, device=args.device, mix=BASE_MIX, init=str(src / "init"))
+    common = dict(batch=args.batch, workers=args.workers, device=args.device, mix=args.base_mix, init=str(src / "init"))
     train.train_base(cal, preset, train.FlowArgs(steps=args.cal_steps, save_every=10**9, **common), say=cal_say)
     (s0, t0), (s1, t1) = stamps[0], stamps[-1]  # from the first report on: worker start-up left out
     per_step = (t1 - t0) / (s1 - s0)
@@ -84,18 +98,18 @@ def main() -> int:
     say(f"base: {time.perf_counter() - t:.0f} s")
     ck = torch.load(run / "base" / "ckpt.pt", weights_only=True, map_location="cpu")
     dit = {k: v.float().contiguous() for k, v in ck["ema_dit"].items()}
-    keys = sorted(dit)
-    half = len(keys) // 2
-    save_file({k: dit[k] for k in keys[:half]}, str(out / "ema_dit_a.safetensors"))
-    save_file({k: dit[k] for k in keys[half:]}, str(out / "ema_dit_b.safetensors"))
+    parts: tuple[dict, dict] = ({}, {})  # two files of about equal size: $OUT returns files under 16 MiB
+    for k in sorted(dit, key=lambda k: -dit[k].numel()):
+        min(parts, key=lambda p: sum(v.numel() for v in p.values()))[k] = dit[k]
+    save_file(parts[0], str(out / "ema_dit_a.safetensors"))
+    save_file(parts[1], str(out / "ema_dit_b.safetensors"))
     save_file({k: v.float().contiguous() for k, v in ck["ema_te"].items()}, str(out / "ema_te.safetensors"))
-    shutil.copy(run / "base" / "dit.safetensors", out / "base_dit.safetensors")
-    shutil.copy(run / "base" / "text_encoder" / "model.safetensors", out / "base_te.safetensors")
+    # base/dit.safetensors and text_encoder/ are these EMA weights in bfloat16: $OUT returns at most 8 files
 
     t = time.perf_counter()
     d_steps = args.distill_steps or max(1, int(args.distill_seconds / (0.45 * per_step)))
     d_args = train.DistillArgs(chunks=args.distill_chunks, batch=args.distill_batch, steps=d_steps, lr=1e-4,
-                               device=args.device, mix=DISTILL_MIX, seed=1,
+                               device=args.device, mix=args.distill_mix, seed=1,
                                init=args.student_init)
     say(f"distill: {d_args}")
 
@@ -117,6 +131,38 @@ def main() -> int:
         res = subprocess.run(cmd, capture_output=True, text=True)
         say(res.stdout.strip() + res.stderr.strip()[-2000:])
     say("summary " + json.dumps({"base_steps": steps, "distill_steps": d_steps, "ms_per_step": per_step * 1000}))
+    return 0
+
+
+def decoder(args: argparse.Namespace, src: Path, preset, out: Path, say) -> int:
+    """Calibrate, then fine-tune the decoder of the run's autoencoder (encoder kept) for --decoder-seconds."""
+    start = src / "run" / "ae" / "ae.safetensors"
+    stamps: list[tuple[int, float]] = []
+
+    def cal_say(msg: str) -> None:
+        if msg.startswith("ae step"):
+            stamps.append((int(msg.split()[2].split("/")[0]), time.perf_counter()))
+        say("calibration: " + msg)
+
+    common = dict(batch=args.decoder_batch, device=args.device, init=str(start), decoder_only=True,
+                  lr=args.decoder_lr, save_every=10**9)
+    train.train_autoencoder(Path(tempfile.mkdtemp()), preset, train.AEArgs(steps=150, **common), say=cal_say)
+    (s0, t0), (s1, t1) = stamps[0], stamps[-1]
+    per_step = (t1 - t0) / (s1 - s0)
+    steps = int(args.decoder_seconds / per_step)
+    say(f"calibration: {per_step * 1000:.1f} ms/step at batch {args.decoder_batch} -> decoder {steps} steps")
+    run = Path(tempfile.mkdtemp())
+    dec_args = train.AEArgs(steps=steps, seed=3, **{**common, "save_every": 1000})
+    say(f"decoder: {dec_args}")
+
+    def dec_say(msg: str) -> None:
+        if not msg.startswith("ae step") or int(msg.split()[2].split("/")[0]) % 500 == 0:
+            say(msg)
+
+    t = time.perf_counter()
+    train.train_autoencoder(run, preset, dec_args, say=dec_say)
+    say(f"decoder: {time.perf_counter() - t:.0f} s")
+    shutil.copy(run / "ae" / "ae.safetensors", out / "ae.safetensors")
     return 0
 
 

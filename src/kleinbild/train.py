@@ -414,13 +414,43 @@ def flow_batches(data: FlowData, start: int, end: int, workers: int, pin: bool =
     return iter(loader)
 
 
-def _load_base_weights(folder: Path, dit: Flux2Transformer, te: Qwen3TextEncoder) -> None:
-    """Weights from a base folder as `train_base` writes it: dit.safetensors and text_encoder/model.safetensors."""
-    for module, file in ((dit, folder / "dit.safetensors"), (te, folder / "text_encoder" / "model.safetensors")):
+def load_dit_grown(dit: Flux2Transformer, state: dict[str, Tensor]) -> int:
+    """Load a DiT's weights into a model with as many or more single-stream blocks; returns how many were added.
+
+    The added blocks get a zero output projection, so each starts as the identity and the grown model computes
+    exactly what the smaller one did: training continues from there with more capacity instead of from scratch.
+    """
+    ours = dit.state_dict()
+    unexpected = [k for k in state if k not in ours]
+    if unexpected:
+        raise ValueError(f"these weights have tensors this DiT lacks: {unexpected[:3]}...")
+    missing = [k for k in ours if k not in state]
+    theirs = {int(k.split(".")[1]) for k in state if k.startswith("single_blocks.")}
+    n_old = max(theirs) + 1 if theirs else 0
+    if any(not k.startswith("single_blocks.") or int(k.split(".")[1]) < n_old for k in missing):
+        raise ValueError(f"these weights do not fit this DiT (missing {missing[:3]}...): only single-stream blocks "
+                         "can be added; other shapes need a run from scratch")
+    dit.load_state_dict(state, strict=False)  # the keys left out are exactly the added blocks (checked above)
+    with torch.no_grad():
+        for block in dit.single_blocks[n_old:]:
+            block.linear2.weight.zero_()
+    return len(dit.single_blocks) - n_old
+
+
+def _load_base_weights(folder: Path, dit: Flux2Transformer, te: Qwen3TextEncoder, say: Log = print) -> None:
+    """Weights from a base folder as `train_base` writes it: dit.safetensors and text_encoder/model.safetensors.
+
+    The DiT may have more single-stream blocks than the folder's weights (see `load_dit_grown`).
+    """
+    files = (folder / "dit.safetensors", folder / "text_encoder" / "model.safetensors")
+    for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"{folder}: {file} is missing; give a run's base folder (it holds "
                                     "dit.safetensors and text_encoder/model.safetensors)")
-        module.load_state_dict(load_file(str(file)))
+    added = load_dit_grown(dit, load_file(str(files[0])))
+    if added:
+        say(f"{folder}: {added} single-stream blocks added to the DiT (each starts as the identity)")
+    te.load_state_dict(load_file(str(files[1])))
 
 
 def train_base(run: Path, preset: ModelPreset, args: FlowArgs, say: Log = print) -> None:
@@ -441,7 +471,7 @@ def train_base(run: Path, preset: ModelPreset, args: FlowArgs, say: Log = print)
     init_text_encoder(te, args.seed)
     ck = out / "ckpt.pt"
     if args.init and not ck.is_file():
-        _load_base_weights(Path(args.init), dit, te)
+        _load_base_weights(Path(args.init), dit, te, say)
         say(f"base: starting from the weights in {args.init}")
     dit.to(dev)
     te.to(dev)
@@ -630,7 +660,7 @@ def train_distill(run: Path, preset: ModelPreset, args: DistillArgs, say: Log = 
     teacher, te = _teacher(run, preset, dev)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     if args.init:
-        student.load_state_dict(load_file(args.init))  # a 4-step student already: far fewer steps needed
+        load_dit_grown(student, load_file(args.init))  # a 4-step student already: far fewer steps needed
         say(f"distill: student starts from {args.init}")
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     ema = EMA(student, args.ema)
@@ -722,6 +752,7 @@ __all__ = [
     "FlowArgs",
     "corpus",
     "get_preset",
+    "load_dit_grown",
     "train_autoencoder",
     "train_base",
     "train_tokenizer",
