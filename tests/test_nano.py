@@ -45,10 +45,10 @@ def test_eval_subset_meets_the_goals(nano, nano_base):
     from kleinbild.evaluate import evaluate
 
     fast = evaluate(nano, ["single", "double", "edit", "compose"], n=20, seed=1000).summary()["tasks"]
-    assert fast["single"]["score"] >= 0.65
-    assert fast["double"]["score"] >= 0.25
-    assert fast["edit"]["score"] >= 0.20
-    assert fast["compose"]["score"] >= 0.55
+    assert fast["single"]["score"] >= 0.75  # measured 0.85 (goal 0.8)
+    assert fast["double"]["score"] >= 0.45  # measured 0.75 (goal 0.5)
+    assert fast["edit"]["score"] >= 0.35  # measured 0.45 (goal 0.7, not met)
+    assert fast["compose"]["score"] >= 0.55  # measured 0.90 (goal 0.6)
     slow = evaluate(nano_base, ["single"], n=20, seed=1000, steps=50).summary()["tasks"]
     assert fast["single"]["score"] >= slow["single"]["score"] - 0.1
 
@@ -81,7 +81,7 @@ def test_wheel_ships_the_weights_and_they_work(tmp_path):
                  "text_encoder/model.safetensors", "text_encoder/tokenizer.json", "text_encoder/config.json"):
         assert f"kleinbild/weights/nano/{part}" in weights
     size = sum(i.file_size for i in zipfile.ZipFile(wheel).infolist() if i.filename in weights)
-    assert size <= 40 * 2**20, f"bundled weights are {size / 2**20:.1f} MiB, over the 40 MiB budget"
+    assert size <= 40 * 10**6, f"bundled weights are {size / 1e6:.1f} MB, over the 40 MB budget"
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True)

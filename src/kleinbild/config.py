@@ -240,7 +240,7 @@ _AE = AEConfig()
 
 # The nano family: the same architectures at small widths, trained in this project on the shapes world.
 NANO_DIT = DiTConfig(
-    hidden_size=192, num_heads=3, depth=3, depth_single=4, in_channels=32, context_dim=384, axes_dim=(16, 16, 16, 16)
+    hidden_size=192, num_heads=3, depth=3, depth_single=8, in_channels=32, context_dim=384, axes_dim=(16, 16, 16, 16)
 )
 NANO_AE = AEConfig(ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=1, z_channels=8, norm_groups=8)
 NANO_TEXT = TextEncoderConfig(
