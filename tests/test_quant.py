@@ -335,3 +335,24 @@ def test_quantize_on_load_releases_the_mapped_originals(tmp_path, monkeypatch):
     assert list(out) == ["double_blocks.0.img_attn.qkv"] and not state
     assert released and released[0] >= w.nbytes - 2 * 4096
     torch.testing.assert_close(out["double_blocks.0.img_attn.qkv"].dequantize(torch.float32), w, atol=0.03, rtol=0)
+
+
+def test_cpu_int8_row_blocks_match_the_dequantized_matmul(monkeypatch):
+    from kleinbild import quant
+
+    monkeypatch.setattr(quant, "_INT8_ROWS", 40)  # several blocks and a remainder, and sub-blocks inside each
+    monkeypatch.setattr(quant, "_INT8_SUB", 16)
+    g = torch.Generator().manual_seed(0)
+    layer = quant.QuantLinear(quant.quantize_weight(torch.randn(48, 64, generator=g), "int8"))
+    x = torch.randn(2, 57, 64, generator=g)
+    before = x.clone()
+    got = layer._native_int8(x.reshape(-1, 64)).reshape(2, 57, 48)
+    assert torch.equal(x, before), "the input was changed in place"
+    want = torch.nn.functional.linear(x, layer.dequantize())
+    # Per-token int8 activations: each row's error is that of its own 8-bit rounding, whatever block it fell in.
+    err = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert float(err.max()) < 0.02
+    # The same tokens in one block give the same rows: the blocking changes speed, not values.
+    monkeypatch.setattr(quant, "_INT8_ROWS", 10**6)
+    monkeypatch.setattr(quant, "_INT8_SUB", 10**6)
+    torch.testing.assert_close(layer._native_int8(x.reshape(-1, 64)).reshape(2, 57, 48), got, rtol=0, atol=0)

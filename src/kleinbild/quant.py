@@ -229,6 +229,8 @@ _NATIVE_VERIFIED: dict[tuple[str, str], bool] = {}
 # Relative error (L2) a native kernel may show against the dequantized matmul before it is abandoned: it also
 # quantizes the activations (8 bits, or 4 bits for NVFP4), which a wrong layout would exceed many times over.
 _NATIVE_TOLERANCE = {"fp8": 0.08, "int8": 0.08, "nvfp4": 0.35}
+# CPU int8 blocks (rows of activations per _int_mm, rows per rescale): measured best on 2 cores at klein-4b sizes.
+_INT8_ROWS, _INT8_SUB = 512, 64
 
 
 def set_native(fmt: str, enabled: bool) -> None:
@@ -333,11 +335,8 @@ class QuantLinear(nn.Module):
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         if self.format == "int8":
-            xf = x2.float()
-            sx = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
-            xq = torch.round(xf / sx).to(torch.int8)
-            y = torch._int_mm(xq, self.qdata.t()).float() * sx * self.qscale.float()[None, :]
-        elif self.format == "fp8":
+            return self._native_int8(x2).reshape(*lead, self.out_features)
+        if self.format == "fp8":
             xf = x2.float()
             sx = (xf.abs().max().clamp_min(1e-12) / FP8_MAX).reshape(())
             xq = (xf / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -348,6 +347,27 @@ class QuantLinear(nn.Module):
         else:
             y = self._native_nvfp4(x2)
         return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _native_int8(self, x2: Tensor) -> Tensor:
+        """Per-token int8 activations times the int8 weight, rescaled per token and per output channel.
+
+        On CPU the rows go in blocks: quantizing a block, its int32 product and the rescale all stay in cache, which
+        makes the layer take ~0.56 of the bf16 matmul's time instead of ~0.96 unblocked (klein-4b sizes, 2 cores):
+        the unblocked rescale alone, three passes over an (M, N) float32 tensor in memory, cost half the matmul.
+        """
+        m = x2.shape[0]
+        out = torch.empty((m, self.out_features), dtype=x2.dtype, device=x2.device)
+        ws = self.qscale.float()[None, :]
+        cpu = x2.device.type == "cpu"
+        rows, sub = (_INT8_ROWS, _INT8_SUB) if cpu else (m, m)
+        for i in range(0, m, rows):
+            xc = x2[i : i + rows]
+            sx = xc.abs().amax(dim=1, keepdim=True).float().clamp_min_(1e-12).div_(127.0)
+            xq = xc.to(torch.float32, copy=True).mul_(1.0 / sx).round_().to(torch.int8)
+            y = torch._int_mm(xq, self.qdata.t())
+            for j in range(0, y.shape[0], sub):
+                torch.mul(y[j : j + sub].float().mul_(sx[j : j + sub]), ws, out=out[i + j : i + j + sub])
+        return out
 
     def _native_nvfp4(self, x2: Tensor) -> Tensor:
         assert self.qblock is not None
