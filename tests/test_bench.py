@@ -90,3 +90,13 @@ def test_bench_cli_with_a_device_runs_in_process(monkeypatch, capsys):
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["device"] == "cpu" and list(res["engines"]) == ["kleinbild"] and "none" in res["memory"]
+
+
+def test_bench_loads_a_prequantized_transformer(tmp_path, capsys):
+    rc = main(["bench", "--preset", "nano", "--random-weights", "--size", "128", "--steps", "1", "--repeats", "1",
+               "--threads", "1", "--cache-dir", str(tmp_path), "--quant", "int8", "--prequantized"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["prequantized"] and res["quant"] == "int8"
+    assert res["quant_layers"] > 0, "the timed run did not use quantized layers"
+    assert list(tmp_path.rglob("transformer-int8.safetensors")), "the quantized file was not written"

@@ -258,7 +258,8 @@ def _peak_rss_gb() -> float:
 
 
 def child(engine: str, folder: str, size: int, steps: int, dtype: str, text_layers: list[int],
-          max_text: int, seed: int, offload: str = "none", quant: str | None = None) -> dict[str, Any]:
+          max_text: int, seed: int, offload: str = "none", quant: str | None = None,
+          quant_file: str | None = None) -> dict[str, Any]:
     import torch
 
     t_start = time.perf_counter()
@@ -268,9 +269,19 @@ def child(engine: str, folder: str, size: int, steps: int, dtype: str, text_laye
     if engine == "kleinbild":
         from kleinbild.pipeline import KleinPipeline
 
-        pipe = KleinPipeline.from_pretrained(folder, device="cpu", dtype=dt, text_layers=tuple(text_layers),
-                                             max_text_length=max_text, offload_mode=offload, quant=quant)
+        if quant_file:  # the transformer from a file `kleinbild quantize` wrote: mapped, not quantized on load
+            import dataclasses
+
+            from kleinbild.loading import locate
+
+            files = locate(folder, None, None, None, tuple(text_layers), max_text)
+            files = dataclasses.replace(files, dit_files=[Path(quant_file)], dit_layout="bfl")
+            pipe = KleinPipeline.from_files(files, device="cpu", dtype=dt, source=quant_file, offload_mode=offload)
+        else:
+            pipe = KleinPipeline.from_pretrained(folder, device="cpu", dtype=dt, text_layers=tuple(text_layers),
+                                                 max_text_length=max_text, offload_mode=offload, quant=quant)
         out["load"] = time.perf_counter() - t_start
+        out["quant_layers"] = sum(type(m).__name__ == "QuantLinear" for m in pipe.transformer.modules())
         t0 = time.perf_counter()
         res = pipe.generate(PROMPT, width=size, height=size, steps=steps, seed=seed,
                             callback=lambda i, n, x: marks.append(time.perf_counter()))
@@ -342,6 +353,7 @@ def run(
     seed: int = 0,
     offload: str = "model",
     quant: str | None = None,
+    prequantized: bool = False,
     say: Any = print,
 ) -> dict[str, Any]:
     import torch
@@ -355,6 +367,14 @@ def run(
     args = {"folder": str(folder), "size": size, "steps": steps, "dtype": dtype,
             "text_layers": list(p.text.out_layers), "max_text": p.text.max_length, "seed": seed,
             "offload": offload, "quant": quant}
+    if quant and prequantized:
+        from kleinbild.quant import quantize_file
+
+        qfile = folder / f"transformer-{quant}.safetensors"
+        if not qfile.is_file():  # written once, like `kleinbild quantize`, and not timed
+            say(f"writing {qfile} ...")
+            quantize_file(folder, qfile, quant)
+        args["quant_file"] = str(qfile)
     engines = ["kleinbild"] + ([vs] if vs else [])
     runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
     for r in range(repeats):
@@ -368,7 +388,8 @@ def run(
     flops = dit_flops(p.dit, n_img, p.text.max_length)
     result: dict[str, Any] = {
         "preset": p.name, "size": size, "steps": steps, "dtype": dtype, "threads": threads, "repeats": repeats,
-        "offload": offload, "quant": quant,
+        "offload": offload, "quant": quant, "prequantized": bool(quant and prequantized),
+        "quant_layers": runs["kleinbild"][0].get("quant_layers", 0),
         "matmul_gflops": round(rate, 1), "dit_gflop_per_step": round(flops / 1e9, 1), "engines": {},
     }
     for e, rs in runs.items():
@@ -404,7 +425,7 @@ def format_table(res: dict[str, Any]) -> str:
 def _main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         a = json.loads(sys.argv[3])
-        opts = {k: a[k] for k in ("offload", "quant") if k in a} if sys.argv[2] == "kleinbild" else {}
+        opts = {k: a[k] for k in ("offload", "quant", "quant_file") if k in a} if sys.argv[2] == "kleinbild" else {}
         print(json.dumps(child(sys.argv[2], a["folder"], a["size"], a["steps"], a["dtype"], a["text_layers"],
                                a["max_text"], a["seed"], **opts)))
         return

@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--offload", choices=("none", "model", "sequential"), default="model",
                    help="kleinbild's memory mode (default: model, as `generate` uses)")
     b.add_argument("--quant", choices=_QUANT_FORMATS, help="kleinbild's opt-in quantization of the transformer")
+    b.add_argument("--prequantized", action="store_true", help="with --quant: write the quantized transformer once "
+                   "(as `kleinbild quantize` does; not timed) and load it, instead of quantizing on every load")
     b.add_argument("--device", default="cpu", help="cpu (default: one fresh process per run, load included) or an "
                    "accelerator such as cuda (warm runs in one process; weights made on the device)")
     b.add_argument("--compile", action="store_true", help="with --device: also time the torch.compile'd engine")
@@ -312,7 +314,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     res = bench.run(args.preset, size=args.size, steps=args.steps, dtype=args.dtype, threads=args.threads,
                     vs=args.vs, repeats=args.repeats, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                    offload=args.offload, quant=args.quant, say=lambda m: print(m, file=sys.stderr, flush=True))
+                    offload=args.offload, quant=args.quant, prequantized=args.prequantized,
+                    say=lambda m: print(m, file=sys.stderr, flush=True))
     print(bench.format_table(res))
     print(json.dumps(res))
     return 0
