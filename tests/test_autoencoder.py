@@ -218,3 +218,24 @@ def test_rejects_bad_shapes() -> None:
         ae.encode(torch.zeros(1, 3, 8, 6))
     with pytest.raises(ValueError, match="latent batch"):
         ae.decode(torch.zeros(1, 4, 2, 2))
+
+
+@torch.no_grad()
+def test_subpixel_upsample_matches_plain(pair) -> None:
+    """The CPU fast path for the decoder's upsampling layers (four 2x2 convolutions) decodes the same image."""
+    _, ours = pair
+    fast = AutoEncoder(ours.cfg)
+    fast.load_state_dict(ours.state_dict())
+    fast.eval().use_subpixel_upsample()
+    lat = ours.encode(_image(ours.cfg))
+    want = ours.decode(lat)
+    torch.testing.assert_close(fast.decode(lat), want, rtol=1e-4, atol=1e-5)
+    fast.use_channels_last()
+    torch.testing.assert_close(fast.decode(lat), want, rtol=1e-4, atol=1e-5)
+    # New weights loaded in place: the derived kernels follow them.
+    changed = {k: v * 1.5 if ".upsample." in k else v for k, v in ours.state_dict().items()}
+    ours.load_state_dict(changed)
+    fast.load_state_dict(changed)
+    torch.testing.assert_close(fast.decode(lat), ours.decode(lat), rtol=1e-4, atol=1e-5)
+    ups = [m for m in fast.decoder.modules() if type(m).__name__ == "Upsample"]
+    assert ups and all(m.subpixel for m in ups)

@@ -1,4 +1,5 @@
-"""Decode: kleinbild (contiguous and channels-last) against diffusers' AutoencoderKLFlux2 on the same random
+"""Decode: kleinbild (contiguous, channels-last, channels-last with sub-pixel upsampling) against diffusers'
+AutoencoderKLFlux2 on the same random
 full-size weights, bf16, engines alternating, medians. usage: python tools/decode_bench.py SIZE REPEATS THREADS"""
 
 import copy
@@ -26,9 +27,13 @@ def main() -> None:
     ref = ref.to(torch.bfloat16).eval()
     fast = copy.deepcopy(ae)
     fast.use_channels_last()
+    sub = copy.deepcopy(fast)
+    sub.use_subpixel_upsample()
     z = torch.randn(1, cfg.z_channels, size // 8, size // 8, dtype=torch.bfloat16)  # before patchifying
     engines = {"kleinbild": lambda: ae.decoder(z),
                "kleinbild channels-last": lambda: fast.decoder(z.contiguous(memory_format=torch.channels_last)),
+               "kleinbild channels-last + subpixel":
+                   lambda: sub.decoder(z.contiguous(memory_format=torch.channels_last)),
                "diffusers": lambda: ref.decode(z).sample}
     times: dict[str, list[float]] = {k: [] for k in engines}
     with torch.inference_mode():

@@ -207,6 +207,7 @@ class KleinPipeline:
         self.files = files
         if device.type == "cpu":
             autoencoder.use_channels_last()
+            autoencoder.use_subpixel_upsample()
         self.offload = offload.check_mode(offload_mode)
         self.text_encoder_loads = 0  # how often the text encoder was (re)materialised; offload tests read it
         self._parked: dict[str, offload.Parked] = {}
