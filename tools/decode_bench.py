@@ -1,6 +1,6 @@
 """Decode: kleinbild (contiguous, channels-last, channels-last with sub-pixel upsampling) against diffusers'
-AutoencoderKLFlux2 on the same random
-full-size weights, bf16, engines alternating, medians. usage: python tools/decode_bench.py SIZE REPEATS THREADS"""
+AutoencoderKLFlux2 on the same random full-size weights, bf16, engines alternating, medians.
+usage: python tools/decode_bench.py SIZE REPEATS THREADS"""
 
 import copy
 import statistics
