@@ -175,13 +175,19 @@ def test_bf16_close_to_fp32(pair) -> None:
     assert rel < 0.05, rel
 
 
+def _copy(ae: AutoEncoder) -> AutoEncoder:
+    """A second autoencoder with the same weights, in eval mode, to switch a fast path on."""
+    other = AutoEncoder(ae.cfg)
+    other.load_state_dict(ae.state_dict())
+    return other.eval()
+
+
 @torch.no_grad()
 def test_channels_last_matches_plain(pair) -> None:
     """The CPU fast path (channels-last convolutions) computes the same encode and decode."""
     _, ours = pair
-    fast = AutoEncoder(ours.cfg)
-    fast.load_state_dict(ours.state_dict())
-    fast.eval().use_channels_last()
+    fast = _copy(ours)
+    fast.use_channels_last()
     assert fast.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     img = _image(ours.cfg)
     lat = ours.encode(img)
@@ -224,9 +230,8 @@ def test_rejects_bad_shapes() -> None:
 def test_subpixel_upsample_matches_plain(pair) -> None:
     """The CPU fast path for the decoder's upsampling layers (four 2x2 convolutions) decodes the same image."""
     _, ours = pair
-    fast = AutoEncoder(ours.cfg)
-    fast.load_state_dict(ours.state_dict())
-    fast.eval().use_subpixel_upsample()
+    fast = _copy(ours)
+    fast.use_subpixel_upsample()
     lat = ours.encode(_image(ours.cfg))
     want = ours.decode(lat)
     torch.testing.assert_close(fast.decode(lat), want, rtol=1e-4, atol=1e-5)

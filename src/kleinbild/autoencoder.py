@@ -108,7 +108,8 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.subpixel = False  # see AutoEncoder.use_subpixel_upsample
-        self._phases: tuple[tuple[int, torch.dtype, torch.device], Tensor] | None = None
+        # The phase kernels and the bias repeated per phase, derived once per weight tensor (key: where it lives).
+        self._phases: tuple[tuple[int, torch.dtype, torch.device], Tensor, Tensor | None] | None = None
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._phases = None  # new weights: the phase kernels are derived again
@@ -123,13 +124,14 @@ class Upsample(nn.Module):
             k = subpixel_weight(w.detach().float()).to(w.dtype)
             if w.is_contiguous(memory_format=torch.channels_last):
                 k = k.contiguous(memory_format=torch.channels_last)
-            self._phases = (key, k)
+            bias = self.conv.bias.detach().repeat(4) if self.conv.bias is not None else None
+            self._phases = (key, k, bias)
+        _, kernels, bias = self._phases
         n, _, h, wd = x.shape
         co = w.shape[0]
-        bias = self.conv.bias.repeat(4) if self.conv.bias is not None else None
         # Output (r, c) of the 2x2 convolution over the input padded by one sees input rows r-1, r and columns
         # c-1, c: phase 0 of pixel i sits at r = i, phase 1 at r = i + 1.
-        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), self._phases[1], bias)
+        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernels, bias)
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         out = torch.empty((n, co, 2 * h, 2 * wd), dtype=y.dtype, device=y.device, memory_format=fmt)
         for a in (0, 1):
