@@ -269,7 +269,12 @@ def test_quantized_single_file_loads_like_quantize_on_load(tmp_path):
     assert from_file.quant == "nvfp4" and from_file.preset.name.startswith("custom (klein-4b")
     a = on_load.generate("a blue square", width=64, height=64, noise=noise).images[0]
     b = from_file.generate("a blue square", width=64, height=64, noise=noise).images[0]
-    assert quant.psnr(a, b) == float("inf"), "the file holds exactly what quantizing on load makes"
+    # The file holds exactly what quantizing on load makes; the images agree up to thread scheduling (a busy
+    # 2-core machine splits some reductions differently from run to run: 89 dB measured there, inf when idle).
+    made = {k: v for k, v in on_load.transformer.named_buffers() if k.rsplit(".", 1)[-1].startswith("q")}
+    read = dict(from_file.transformer.named_buffers())
+    assert made and all(torch.equal(v, read[k]) for k, v in made.items())
+    assert quant.psnr(a, b) > 60
     with pytest.raises(ValueError, match=r"already quantized \(nvfp4\)"):
         KleinPipeline.from_pretrained(out, vae=folder / "vae", text_encoder=folder, quant="fp8", **opts)
     with pytest.raises(ValueError, match="already quantized"):
