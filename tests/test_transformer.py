@@ -175,3 +175,40 @@ def test_cpu_rotation_as_one_complex_product_equals_the_real_form():
     fast, plain = apply_rope(xb, cos, sin, rot), apply_rope(xb, cos, sin)
     assert fast.dtype == torch.bfloat16
     assert (fast.float() - plain.float()).abs().max() <= 2 ** -7 * plain.float().abs().max()  # one bf16 ulp
+
+
+@pytest.mark.skipif(not __import__("kleinbild.transformer").transformer.prepacked_linear_available(),
+                    reason="this PyTorch has no oneDNN bfloat16")
+def test_prepacked_linears_equal_the_plain_path_bit_for_bit(pair):
+    _, ours = pair
+    ours = ours.to(torch.bfloat16)
+    img, iid, txt, tid, ref, rid = _inputs(refs=((2, 3),))
+    args = (img.bfloat16(), iid, txt.bfloat16(), tid, torch.tensor([0.9, 0.3]))
+    with torch.inference_mode():
+        plain = ours(*args, ref=ref.bfloat16(), ref_ids=rid)
+        ours.use_prepacked_linears()
+        fast = ours(*args, ref=ref.bfloat16(), ref_ids=rid)
+    packed = [m for m in ours.modules() if "_pack" in m.__dict__]
+    assert len(packed) == 2 * 8 + 2 * 2  # double blocks: 8 linears each; single blocks: 2
+    assert torch.equal(fast, plain)
+    # An in-place change of a weight (as a fused LoRA makes) must not leave a stale copy behind.
+    with torch.no_grad():
+        ours.single_blocks[0].linear2.weight.mul_(1.5)
+    with torch.inference_mode():
+        changed = ours(*args, ref=ref.bfloat16(), ref_ids=rid)
+        ours.use_prepacked_linears(False)
+        assert not any("_pack" in m.__dict__ for m in ours.modules())
+        assert torch.equal(ours(*args, ref=ref.bfloat16(), ref_ids=rid), changed)
+    assert not torch.equal(changed, plain)
+
+
+def test_prepacked_linears_leave_training_and_float32_on_the_plain_path(pair):
+    _, ours = pair
+    ours.use_prepacked_linears()
+    img, iid, txt, tid, _, _ = _inputs()
+    ours(img, iid, txt, tid, torch.tensor([0.9, 0.3])).sum().backward()  # float32, with grad
+    assert not any("_pack" in m.__dict__ for m in ours.modules())
+    assert ours.single_blocks[0].linear1.weight.grad is not None
+    bf = ours.to(torch.bfloat16)
+    bf(img.bfloat16(), iid, txt.bfloat16(), tid, torch.tensor([0.9, 0.3])).float().sum().backward()  # bf16 training
+    assert not any("_pack" in m.__dict__ for m in ours.modules())
