@@ -350,7 +350,8 @@ PRESETS: dict[str, ModelPreset] = {
         ModelPreset(
             name="nano-base",
             default_steps=50,
-            default_guidance=4.0,
+            # Measured on the shapes-world eval (n=50-100): CFG 2 beats 4 on every task, edits most (0.60 vs 0.52).
+            default_guidance=2.0,
             uses_cfg=True,
             dit_file="flux-2-nano-base.safetensors",
             description="shipped in the package: shapes world, 128 px, undistilled, CFG",

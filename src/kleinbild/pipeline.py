@@ -26,7 +26,7 @@ from kleinbild.loading import ModelFiles, ae_state, dit_state, load_into, locate
 from kleinbild.quant import prepare_quantized
 from kleinbild.text_encoder import Qwen3TextEncoder, text_encoder_wanted_keys
 from kleinbild.tokenizer import PromptTokenizer
-from kleinbild.transformer import Flux2Transformer, KVCache, prepacked_linear_available
+from kleinbild.transformer import Flux2Transformer, KVCache
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,6 @@ class KleinPipeline:
         if device.type == "cpu":
             autoencoder.use_channels_last()
             autoencoder.use_subpixel_upsample()
-            transformer.use_prepacked_linears(prepacked_linear_available())
         self.offload = offload.check_mode(offload_mode)
         self.text_encoder_loads = 0  # how often the text encoder was (re)materialised; offload tests read it
         self._parked: dict[str, offload.Parked] = {}

@@ -58,8 +58,10 @@ class Linear(nn.Linear):
 
     F.linear hands oneDNN the plain weight, which it reorders on every call; the blocked copy is made once, at the
     first call, and the plain weight's mapped file pages are released, so memory stays what it was. The values are
-    the same (tested bit for bit); the time saved is in BENCHMARKS.md. The copy is keyed by the weight's storage and
-    version, so an in-place change (a fused LoRA) or a move makes a new one.
+    the same (tested bit for bit). Off by default: each matmul gets 3-5% faster, but making the copies costs about
+    as much as four steps save (klein-4b, 2 cores: see BENCHMARKS.md), so it pays only in a process that generates
+    many images. The copy is keyed by the weight's storage and version, so an in-place change (a fused LoRA) or a
+    move makes a new one.
     """
 
     prepack = False  # set per instance by Flux2Transformer.use_prepacked_linears
