@@ -8,7 +8,7 @@ import torch
 from kleinbild.config import DiTConfig, dit_param_count
 from kleinbild.convert import dit_from_diffusers
 from kleinbild.sampling import image_ids, reference_ids, text_ids
-from kleinbild.transformer import Flux2Transformer
+from kleinbild.transformer import Flux2Transformer, prepacked_linear_available
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -177,8 +177,7 @@ def test_cpu_rotation_as_one_complex_product_equals_the_real_form():
     assert (fast.float() - plain.float()).abs().max() <= 2 ** -7 * plain.float().abs().max()  # one bf16 ulp
 
 
-@pytest.mark.skipif(not __import__("kleinbild.transformer").transformer.prepacked_linear_available(),
-                    reason="this PyTorch has no oneDNN bfloat16")
+@pytest.mark.skipif(not prepacked_linear_available(), reason="this PyTorch has no oneDNN bfloat16")
 def test_prepacked_linears_equal_the_plain_path_bit_for_bit(pair):
     _, ours = pair
     ours = ours.to(torch.bfloat16)
@@ -186,7 +185,7 @@ def test_prepacked_linears_equal_the_plain_path_bit_for_bit(pair):
     args = (img.bfloat16(), iid, txt.bfloat16(), tid, torch.tensor([0.9, 0.3]))
     with torch.inference_mode():
         plain = ours(*args, ref=ref.bfloat16(), ref_ids=rid)
-        ours.use_prepacked_linears()
+        assert ours.use_prepacked_linears()
         fast = ours(*args, ref=ref.bfloat16(), ref_ids=rid)
     packed = [m for m in ours.modules() if "_pack" in m.__dict__]
     assert len(packed) == 2 * 8 + 2 * 2  # double blocks: 8 linears each; single blocks: 2

@@ -313,13 +313,17 @@ class Flux2Transformer(nn.Module):
         self.single_stream_modulation = Modulation(h, 1)
         self.final_layer = LastLayer(h, cfg.in_channels)
 
-    def use_prepacked_linears(self, enabled: bool = True) -> None:
-        """Block linears use a once-reordered weight on the CPU in bfloat16 (see `Linear`); off frees the copies."""
+    def use_prepacked_linears(self, enabled: bool = True) -> bool:
+        """Block linears use a once-reordered weight on the CPU in bfloat16 (see `Linear`); off frees the copies.
+
+        Returns whether it is on: a PyTorch without oneDNN bfloat16 keeps the plain path."""
+        enabled = enabled and prepacked_linear_available()
         for m in self.modules():
             if isinstance(m, Linear):
                 m.prepack = enabled
                 if not enabled:
                     m.__dict__.pop("_pack", None)
+        return enabled
 
     def _vec(self, timesteps: Tensor, dtype: torch.dtype) -> Tensor:
         return self.time_in(timestep_embedding(timesteps, self.cfg.time_dim).to(dtype))
