@@ -171,3 +171,15 @@ def test_compiled_pipeline_matches_plain_path():
                         pipe.dtype, offload_mode="model")
     with pytest.raises(ValueError, match="offload mode 'none'.*'model'"):
         off.compile()
+
+
+def test_schedule_shift_overrides_the_empirical_mu():
+    from kleinbild import sampling
+
+    fixed = sampling.schedule(4, 64, 3.0)
+    assert fixed == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])
+    # shift = exp(mu) reproduces the reference schedule exactly
+    mu = sampling.empirical_mu(4096, 4)
+    assert sampling.schedule(4, 4096, float(np.exp(mu))) == pytest.approx(sampling.schedule(4, 4096))
+    with pytest.raises(ValueError, match="shift must be positive, got 0"):
+        sampling.schedule(4, 64, 0.0)

@@ -750,7 +750,7 @@ class KleinPipeline:
             ref_ids = sampling.reference_ids([tuple(z.shape[-2:]) for z in lat], p.ref_time_offset).to(dev)
         timings["references"] = time.perf_counter() - t0
 
-        timesteps = sampling.schedule(steps, th * tw)
+        timesteps = sampling.schedule(steps, th * tw, p.schedule_shift)
         kv: list[KVCache] = []
         model = self._compiled.get("transformer", self.transformer)
 

@@ -47,11 +47,13 @@ def empirical_mu(n_tokens: int, steps: int) -> float:
     return float(a * steps + (m200 - 200.0 * a))
 
 
-def schedule(steps: int, n_tokens: int) -> list[float]:
-    """steps + 1 times from 1 to 0, shifted by the empirical mu."""
+def schedule(steps: int, n_tokens: int, shift: float | None = None) -> list[float]:
+    """steps + 1 times from 1 to 0: t -> s t / (1 + (s - 1) t), s = exp(empirical mu) unless `shift` gives it."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    mu = math.exp(empirical_mu(n_tokens, steps))
+    if shift is not None and not shift > 0:
+        raise ValueError(f"schedule shift must be positive, got {shift}")
+    mu = math.exp(empirical_mu(n_tokens, steps)) if shift is None else float(shift)
     out = []
     for i in range(steps + 1):
         t = 1.0 - i / steps
