@@ -17,11 +17,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kleinbild.config import ModelPreset
+
 PROMPT = "a red fox in fresh snow, soft winter light, detailed fur"
 
 
 # ---------------------------------------------------------------- machine and model arithmetic
 
+
+
+def peer_scheduler_config(p: ModelPreset) -> dict[str, Any]:
+    """diffusers' FlowMatchEulerDiscreteScheduler settings that give the preset's schedule."""
+    if p.schedule_shift is None:
+        return {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
+                "time_shift_type": "exponential"}
+    # A static shift on the pipeline's uniform sigmas: s t / (1 + (s - 1) t), as sampling.schedule does.
+    return {"num_train_timesteps": 1000, "shift": p.schedule_shift, "use_dynamic_shifting": False}
 
 def matmul_rate(dtype: str = "bfloat16", n: int = 2048, seconds: float = 1.5) -> float:
     """Achieved GFLOP/s of a square matmul in `dtype` on this machine's current thread setting."""
@@ -235,9 +246,7 @@ def random_checkpoint(preset_name: str, folder: Path, seed: int = 0, say: Any = 
     train_qwen_style_tokenizer(corpus(3000, seed), folder / "tokenizer", vocab_size=600)
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
-        "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
-        "use_dynamic_shifting": True, "time_shift_type": "exponential",
-    }))
+        "_class_name": "FlowMatchEulerDiscreteScheduler", **peer_scheduler_config(p)}))
     klass = "Flux2KleinKVPipeline" if p.kv_cache_refs else "Flux2KleinPipeline"
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": klass, "_diffusers_version": "0.42.1", "is_distilled": not p.uses_cfg,

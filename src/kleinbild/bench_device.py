@@ -22,7 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from kleinbild.bench import PROMPT, _diffusers_transformer_config, _diffusers_vae_config, _qwen3_config, dit_flops
+from kleinbild.bench import (
+    PROMPT,
+    _diffusers_transformer_config,
+    _diffusers_vae_config,
+    _qwen3_config,
+    dit_flops,
+    peer_scheduler_config,
+)
 from kleinbild.config import ModelPreset, get_preset
 
 Say = Callable[[str], None]
@@ -121,8 +128,7 @@ def diffusers_peer(pipe: Any, tokenizer_dir: Path, seed: int = 0) -> Any:
     missing, _ = te.load_state_dict(pipe.text_encoder.state_dict(), strict=False)  # copies into its own storage
     assert not [k for k in missing if k.startswith("model.layers.") and int(k.split(".")[2]) < c.layers_to_run]
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                time_shift_type="exponential")
+    scheduler = FlowMatchEulerDiscreteScheduler(**peer_scheduler_config(p))
     peer = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tokenizer,
                               transformer=transformer, is_distilled=not p.uses_cfg)
     peer.set_progress_bar_config(disable=True)
