@@ -22,10 +22,6 @@ from kleinbild.config import ModelPreset
 PROMPT = "a red fox in fresh snow, soft winter light, detailed fur"
 
 
-# ---------------------------------------------------------------- machine and model arithmetic
-
-
-
 def peer_scheduler_config(p: ModelPreset) -> dict[str, Any]:
     """diffusers' FlowMatchEulerDiscreteScheduler settings that give the preset's schedule."""
     if p.schedule_shift is None:
@@ -33,6 +29,10 @@ def peer_scheduler_config(p: ModelPreset) -> dict[str, Any]:
                 "time_shift_type": "exponential"}
     # A static shift on the pipeline's uniform sigmas: s t / (1 + (s - 1) t), as sampling.schedule does.
     return {"num_train_timesteps": 1000, "shift": p.schedule_shift, "use_dynamic_shifting": False}
+
+
+# ---------------------------------------------------------------- machine and model arithmetic
+
 
 def matmul_rate(dtype: str = "bfloat16", n: int = 2048, seconds: float = 1.5) -> float:
     """Achieved GFLOP/s of a square matmul in `dtype` on this machine's current thread setting."""

@@ -589,9 +589,6 @@ class DistillArgs:
     save_every: int = 200
     device: str = "cpu"
     init: str = ""  # a student dit.safetensors to start from (e.g. the previous nano) instead of the teacher
-    # Student step i is drawn with probability ~ (its interval length) ** step_power. The late, long steps decide
-    # the shapes and lose the most when the student does them (edits: 0.62 -> 0.42 over the last two of four).
-    step_power: float = 0.0
 
 
 def refine(timesteps: Sequence[float], k: int) -> list[float]:
@@ -684,7 +681,6 @@ def train_distill(run: Path, preset: ModelPreset, args: DistillArgs, say: Log = 
     cond = Conditioner(tok, te, ae.to(dev), preset, args.size)
     hw = args.size // preset.ae.downscale
     ts = torch.tensor(sampling.schedule(steps_student, hw * hw, student_preset.schedule_shift), device=dev)
-    step_w = ((ts[:-1] - ts[1:]) ** args.step_power).tolist()
     img_ids, txt_ids = sampling.image_ids(hw, hw).to(dev), sampling.text_ids(preset.text.max_length).to(dev)
     t0, losses = time.perf_counter(), []
     while step < args.steps:
@@ -693,7 +689,7 @@ def train_distill(run: Path, preset: ModelPreset, args: DistillArgs, say: Log = 
         b, _ = _chunk_batch(args, c)
         states = torch.load(out / "traj" / f"{c:05d}.pt", weights_only=True).float().to(dev)
         n = states.shape[0]
-        i = torch.tensor(rng.choices(range(steps_student), weights=step_w, k=n), device=dev)
+        i = torch.tensor(rng.choices(range(steps_student), k=n), device=dev)
         x = states[torch.arange(n, device=dev), i]
         target = (states[torch.arange(n, device=dev), i + 1] - x) / (ts[i + 1] - ts[i])[:, None, None]
         lr = cosine_lr(step, args.steps, args.lr, warmup=100)
