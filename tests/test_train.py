@@ -198,3 +198,22 @@ def test_grown_dit_starts_as_the_smaller_one():
         train.load_dit_grown(Flux2Transformer(replace(cfg, depth=4)), small.state_dict())
     with pytest.raises(ValueError, match="lacks"):
         train.load_dit_grown(Flux2Transformer(replace(cfg, depth_single=1)), small.state_dict())
+
+
+def test_cli_mix_reaches_the_stage_and_bad_mixes_are_refused(monkeypatch, tmp_path, capsys):
+    from kleinbild.cli import main
+
+    seen = []
+    monkeypatch.setattr(train, "train_base", lambda run, preset, args, say: seen.append(args))
+    monkeypatch.setattr(train, "train_distill", lambda run, preset, args, say: seen.append(args))
+    assert main(["train", "base", "--run", str(tmp_path), "--mix", "0.2,0.6,0.1,0.05,0.05", "--lr", "1e-4"]) == 0
+    assert seen[-1].mix == (0.2, 0.6, 0.1, 0.05, 0.05) and seen[-1].lr == 1e-4
+    assert main(["train", "distill", "--run", str(tmp_path), "--mix", "0,1,0"]) == 0
+    assert isinstance(seen[-1], train.DistillArgs) and seen[-1].mix == (0.0, 1.0, 0.0)
+    assert main(["train", "base", "--run", str(tmp_path)]) == 0
+    assert seen[-1].mix == train.FlowArgs().mix
+    for bad in ("0.5,0.5", "a,b,c", "0,0,0", "-1,1,1"):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "base", "--run", str(tmp_path), f"--mix={bad}"])
+        assert e.value.code == 2
+        assert f"got {bad!r}" in capsys.readouterr().err

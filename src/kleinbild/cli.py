@@ -28,6 +28,20 @@ def _int_at_least(minimum: int, what: str):
 
 _positive_int = _int_at_least(1, "value")
 _seed = _int_at_least(0, "seed")
+_MIX_KINDS = ("t2i", "edit", "compose", "drill", "loose")
+
+
+def _mix(text: str) -> tuple[float, ...]:
+    """Batch-kind weights "t2i,edit,compose[,drill[,loose]]", e.g. 0.2,0.6,0.1,0.05,0.05."""
+    try:
+        weights = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        weights = ()
+    if not 3 <= len(weights) <= len(_MIX_KINDS) or min(weights) < 0 or sum(weights) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"mix must be 3 to 5 non-negative weights for {','.join(_MIX_KINDS)} (not all zero), got {text!r}"
+        )
+    return weights
 
 
 _QUANT_FORMATS = ("fp8", "nvfp4", "int8")
@@ -113,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=_positive_int, help="batch size (default: the recipe's)")
     t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--lr", type=float, help="peak learning rate of the stage (default: the recipe's; lora: 5e-4)")
+    t.add_argument("--mix", type=_mix, help="base, distill: weights of the batch kinds t2i,edit,compose,drill,loose "
+                   "(default: the recipe's; e.g. 0.2,0.6,0.1,0.05,0.05 for an edit-heavy continuation)")
     t.add_argument("--chunks", type=_positive_int, help="distill: teacher trajectory batches to record")
     t.add_argument("--stop-at", type=_positive_int, help="base: stop at this step (a checkpoint is written), keeping "
                    "the learning-rate schedule of --steps; resume later with a larger value")
@@ -345,7 +361,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     def with_overrides(cfg):
         given = (("steps", args.steps), ("batch", args.batch), ("chunks", args.chunks), ("lr", args.lr),
                  ("stop_at", args.stop_at), ("device", args.device), ("workers", args.workers),
-                 ("init", args.init), ("decoder_only", args.decoder_only))
+                 ("init", args.init), ("decoder_only", args.decoder_only), ("mix", args.mix))
         over = {k: v for k, v in given if v}
         over = {k: v for k, v in over.items() if k in {f.name for f in dataclasses.fields(cfg)}}
         return dataclasses.replace(cfg, seed=args.seed, **over)
