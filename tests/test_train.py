@@ -6,11 +6,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from kleinbild import train
 from kleinbild.config import get_preset
 from kleinbild.pipeline import KleinPipeline
+from kleinbild.transformer import Flux2Transformer
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +218,30 @@ def test_cli_mix_reaches_the_stage_and_bad_mixes_are_refused(monkeypatch, tmp_pa
             main(["train", "base", "--run", str(tmp_path), f"--mix={bad}"])
         assert e.value.code == 2
         assert f"got {bad!r}" in capsys.readouterr().err
+
+
+def _trajectories(run, tmp, preset, **kw):
+    folder = tmp / "_".join(f"{k}{v}" for k, v in kw.items())
+    (folder / "base").mkdir(parents=True)
+    for part in ("tokenizer", "ae", "base/text_encoder"):
+        (folder / part).symlink_to(run / part)
+    # The run's base trained for two steps from zeroed output layers and barely reacts to anything; random weights do.
+    torch.manual_seed(0)
+    save_file(Flux2Transformer(preset.dit).state_dict(), str(folder / "base" / "dit.safetensors"))
+    args = train.DistillArgs(chunks=1, batch=2, substeps=1, **kw)
+    train.make_trajectories(folder, preset, args, get_preset("nano"), say=lambda msg: None)
+    return torch.load(folder / "distill" / "traj" / "00000.pt", weights_only=True)
+
+
+def test_image_guidance_changes_only_batches_with_references(run, tmp_path):
+    folder, preset = run
+    edit = dict(mix=(0.0, 1.0, 0.0))
+    plain = _trajectories(folder, tmp_path, preset, image_guidance=1.0, **edit)
+    guided = _trajectories(folder, tmp_path, preset, image_guidance=1.5, **edit)
+    assert torch.equal(plain[:, 0], guided[:, 0])  # same noise
+    assert not torch.allclose(plain[:, 1:].float(), guided[:, 1:].float())
+    t2i = dict(mix=(1.0, 0.0, 0.0))
+    assert torch.equal(_trajectories(folder, tmp_path, preset, image_guidance=1.0, **t2i),
+                       _trajectories(folder, tmp_path, preset, image_guidance=1.5, **t2i))
+    with pytest.raises(ValueError, match="image_guidance must be > 0"):
+        _trajectories(folder, tmp_path, preset, image_guidance=0.0)

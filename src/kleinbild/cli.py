@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="peak learning rate of the stage (default: the recipe's; lora: 5e-4)")
     t.add_argument("--mix", type=_mix, help="base, distill: weights of the batch kinds t2i,edit,compose,drill,loose "
                    "(default: the recipe's; e.g. 0.2,0.6,0.1,0.05,0.05 for an edit-heavy continuation)")
+    t.add_argument("--image-guidance", type=float, help="distill: the teacher's guidance towards the reference "
+                   "images on edit and composition batches (default: the recipe's; 1 is plain CFG)")
     t.add_argument("--chunks", type=_positive_int, help="distill: teacher trajectory batches to record")
     t.add_argument("--stop-at", type=_positive_int, help="base: stop at this step (a checkpoint is written), keeping "
                    "the learning-rate schedule of --steps; resume later with a larger value")
@@ -361,7 +363,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     def with_overrides(cfg):
         given = (("steps", args.steps), ("batch", args.batch), ("chunks", args.chunks), ("lr", args.lr),
                  ("stop_at", args.stop_at), ("device", args.device), ("workers", args.workers),
-                 ("init", args.init), ("decoder_only", args.decoder_only), ("mix", args.mix))
+                 ("init", args.init), ("decoder_only", args.decoder_only), ("mix", args.mix),
+                 ("image_guidance", args.image_guidance))
         over = {k: v for k, v in given if v}
         over = {k: v for k, v in over.items() if k in {f.name for f in dataclasses.fields(cfg)}}
         return dataclasses.replace(cfg, seed=args.seed, **over)

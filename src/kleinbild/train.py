@@ -580,6 +580,10 @@ class DistillArgs:
     # two objects 0.86 vs 0.86, n=50) and far easier to learn than a 16-step jump.
     substeps: int = 1
     guidance: float = 2.0  # the base's best CFG on the eval (edits 0.60 vs 0.52 at 4)
+    # Guidance towards the references on batches that have them: v = v(-, -) + image_guidance * (v(-, ref) - v(-, -))
+    # + guidance * (v(text, ref) - v(-, ref)), "-" meaning no text / no references; 1 is plain CFG. The 4-step
+    # teacher's edits at n=200: 0.62 at 1, 0.655 at 1.3, 0.685 at 1.5, 0.68 at 1.8 (kept objects stay crisper).
+    image_guidance: float = 1.5
     steps: int = 1500
     lr: float = 1e-4
     size: int = 128
@@ -617,6 +621,8 @@ def make_trajectories(
     run: Path, preset: ModelPreset, args: DistillArgs, student: ModelPreset, say: Log = print
 ) -> None:
     """Teacher (base, CFG) solutions recorded at the student's timesteps: (B, student_steps + 1, N, C)."""
+    if not args.image_guidance > 0:
+        raise ValueError(f"image_guidance must be > 0 (1 is plain CFG), got {args.image_guidance}")
     out = run / "distill" / "traj"
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device)
@@ -646,7 +652,11 @@ def make_trajectories(
             for i, (t, t_next) in enumerate(zip(fine[:-1], fine[1:], strict=True)):
                 tv = torch.full((2 * n,), t, device=dev)
                 v = dit(torch.cat([x, x]), img_ids, txt, txt_ids, tv, ref=ref_tok, ref_ids=ref_ids).float()
-                x = x + (t_next - t) * sampling.cfg_combine(v, args.guidance)
+                guided = sampling.cfg_combine(v, args.guidance)
+                if ref_tok is not None and args.image_guidance != 1.0:
+                    bare = dit(x, img_ids, txt[:n], txt_ids, tv[:n]).float()  # no text, no references
+                    guided = guided + (args.image_guidance - 1.0) * (v[:n] - bare)
+                x = x + (t_next - t) * guided
                 if (i + 1) % args.substeps == 0:
                     states.append(x.clone())
         _atomic_save(torch.stack(states, dim=1).to(torch.bfloat16).cpu(), path)
