@@ -211,6 +211,8 @@ def test_cli_mix_reaches_the_stage_and_bad_mixes_are_refused(monkeypatch, tmp_pa
     assert seen[-1].mix == (0.2, 0.6, 0.1, 0.05, 0.05) and seen[-1].lr == 1e-4
     assert main(["train", "distill", "--run", str(tmp_path), "--mix", "0,1,0"]) == 0
     assert isinstance(seen[-1], train.DistillArgs) and seen[-1].mix == (0.0, 1.0, 0.0)
+    assert main(["train", "distill", "--run", str(tmp_path), "--image-guidance", "0"]) == 0
+    assert seen[-1].image_guidance == 0.0  # passed on, so make_trajectories refuses it rather than using the default
     assert main(["train", "base", "--run", str(tmp_path)]) == 0
     assert seen[-1].mix == train.FlowArgs().mix
     for bad in ("0.5,0.5", "a,b,c", "0,0,0", "-1,1,1"):

@@ -365,7 +365,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  ("stop_at", args.stop_at), ("device", args.device), ("workers", args.workers),
                  ("init", args.init), ("decoder_only", args.decoder_only), ("mix", args.mix),
                  ("image_guidance", args.image_guidance))
-        over = {k: v for k, v in given if v}
+        over = {k: v for k, v in given if v is not None}  # 0 is a value (and refused by the stage), not absent
         over = {k: v for k, v in over.items() if k in {f.name for f in dataclasses.fields(cfg)}}
         return dataclasses.replace(cfg, seed=args.seed, **over)
 
