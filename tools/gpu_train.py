@@ -44,6 +44,7 @@ def main() -> int:
     ap.add_argument("--distill-steps", type=int, default=0, help="0: from --distill-seconds")
     ap.add_argument("--student-init", default="", help="start the student from these weights")
     ap.add_argument("--eval-n", type=int, default=50)
+    ap.add_argument("--eval-base", type=int, default=1, help="0: evaluate the student only (saves device time)")
     ap.add_argument("--workers", type=int, default=min(14, (os.cpu_count() or 2) - 2))
     ap.add_argument("--base-mix", type=_mix, default=(0.35, 0.3, 0.15, 0.1, 0.1), help="t2i,edit,compose,drill,loose")
     ap.add_argument("--distill-mix", type=_mix, default=(0.35, 0.3, 0.15, 0.05, 0.15))
@@ -80,7 +81,7 @@ def main() -> int:
             stamps.append((int(msg.split()[2].split("/")[0]), time.perf_counter()))
         say("calibration: " + msg)
 
-    cal = Path("/tmp/cal")
+    cal = Path(tempfile.mkdtemp())  # fresh: a leftover checkpoint would resume instead of calibrating
     shutil.copytree(src / "run", cal, dirs_exist_ok=True)
     common = dict(batch=args.batch, workers=args.workers, device=args.device, mix=args.base_mix, init=str(src / "init"))
     train.train_base(cal, preset, train.FlowArgs(steps=args.cal_steps, save_every=10**9, **common), say=cal_say)
@@ -89,7 +90,7 @@ def main() -> int:
     steps = int(args.base_seconds / per_step)
     say(f"calibration: {per_step * 1000:.1f} ms/step at batch {args.batch} -> base {steps} steps")
 
-    run = Path("/tmp/run")
+    run = Path(tempfile.mkdtemp())
     shutil.copytree(src / "run", run, dirs_exist_ok=True)
     t = time.perf_counter()
     base_args = train.FlowArgs(steps=steps, lr=args.lr, warmup=200, save_every=2000, **common)
@@ -128,7 +129,8 @@ def main() -> int:
     dest = train.export_bundle(run, say=say)  # the package's weights/nano in this copy of the tree
     assert load_file(str(dest / "flux-2-nano.safetensors")).keys() == dit.keys()
     n_base = str(max(1, args.eval_n * 2 // 5))
-    for model, extra in (("nano", ["--n", str(args.eval_n)]), ("nano-base", ["--n", n_base, "--steps", "50"])):
+    evals = [("nano", ["--n", str(args.eval_n)]), ("nano-base", ["--n", n_base, "--steps", "50"])]
+    for model, extra in evals[: 1 + bool(args.eval_base)]:
         cmd = [sys.executable, "-m", "kleinbild", "eval", "-m", model, "--device", args.device, "--json", *extra]
         res = subprocess.run(cmd, capture_output=True, text=True)
         say(res.stdout.strip() + res.stderr.strip()[-2000:])
