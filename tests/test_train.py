@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kleinbild import train
+from kleinbild import sampling, train
 from kleinbild.config import get_preset
 from kleinbild.pipeline import KleinPipeline
 from kleinbild.transformer import Flux2Transformer
@@ -211,6 +211,8 @@ def test_cli_mix_reaches_the_stage_and_bad_mixes_are_refused(monkeypatch, tmp_pa
     assert seen[-1].mix == (0.2, 0.6, 0.1, 0.05, 0.05) and seen[-1].lr == 1e-4
     assert main(["train", "distill", "--run", str(tmp_path), "--mix", "0,1,0"]) == 0
     assert isinstance(seen[-1], train.DistillArgs) and seen[-1].mix == (0.0, 1.0, 0.0)
+    assert main(["train", "distill", "--run", str(tmp_path), "--on-policy", "0.5"]) == 0
+    assert seen[-1].on_policy == 0.5
     assert main(["train", "distill", "--run", str(tmp_path), "--image-guidance", "0"]) == 0
     assert seen[-1].image_guidance == 0.0  # passed on, so make_trajectories refuses it rather than using the default
     assert main(["train", "base", "--run", str(tmp_path)]) == 0
@@ -247,3 +249,66 @@ def test_image_guidance_changes_only_batches_with_references(run, tmp_path):
                        _trajectories(folder, tmp_path, preset, image_guidance=1.5, **t2i))
     with pytest.raises(ValueError, match="image_guidance must be > 0"):
         _trajectories(folder, tmp_path, preset, image_guidance=0.0)
+
+
+def _random_dit(preset, seed):
+    torch.manual_seed(seed)
+    return Flux2Transformer(preset.dit).float().eval().requires_grad_(False)
+
+
+def test_on_policy_states_are_the_students_and_targets_the_teachers(run):
+    """States come from the rollout model's own Euler steps; the target is the guided teacher at those states."""
+    folder, preset = run
+    tok, ae = train._load_run_models(folder, preset)
+    _, te = train._teacher(folder, preset, torch.device("cpu"))
+    cond = train.Conditioner(tok, te, ae, preset, 128)
+    student, teacher = _random_dit(preset, 1), _random_dit(preset, 2)  # random weights react to their inputs
+    hw, ch = 128 // preset.ae.downscale, preset.ae.latent_channels
+    nano = get_preset("nano")
+    ts = torch.tensor(sampling.schedule(nano.default_steps, hw * hw, nano.schedule_shift))
+    img_ids, txt_ids = sampling.image_ids(hw, hw), sampling.text_ids(preset.text.max_length)
+    args = train.DistillArgs(batch=6, mix=(0.0, 1.0, 0.0), image_guidance=1.5, seed=3)
+
+    def draw(step):
+        return train._on_policy_batch(args, step, student, teacher, cond, ts, img_ids, txt_ids, hw, ch,
+                                      torch.device("cpu"))
+
+    b, x, i, target, txt, ref_tok, ref_ids = draw(7)
+    assert len(set(i.tolist())) > 1 and ref_tok is not None
+    noise = torch.randn((6, hw * hw, ch), generator=torch.Generator().manual_seed(3 * 11_000_027 + 7))
+    states = [noise]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for k in range(int(i.max())):
+            v = student(states[-1], img_ids, txt, txt_ids, ts[k].repeat(6), ref=ref_tok, ref_ids=ref_ids).float()
+            states.append(states[-1] + float(ts[k + 1] - ts[k]) * v)
+        for j, k in enumerate(i.tolist()):
+            assert torch.allclose(x[j], states[k][j], atol=1e-5), (j, k)
+            empty = cond.text([""])
+            one = dict(ref=ref_tok[j:j + 1], ref_ids=ref_ids)
+            xj, tj = x[j:j + 1], ts[k:k + 1]
+            v_text = teacher(xj, img_ids, txt[j:j + 1], txt_ids, tj, **one).float()
+            v_ref = teacher(xj, img_ids, empty, txt_ids, tj, **one).float()
+            v_bare = teacher(xj, img_ids, empty, txt_ids, tj).float()
+            want = v_bare + 1.5 * (v_ref - v_bare) + 2.0 * (v_text - v_ref)
+            assert (target[j] - want[0]).norm() / want.norm() < 2e-2, (j, k)  # bf16, batched vs one at a time
+    again = draw(7)
+    assert torch.equal(again[1], x) and torch.equal(again[3], target)
+    assert not torch.equal(draw(8)[1], x)
+
+
+def test_on_policy_distillation_trains_and_bad_fractions_are_refused(run, tmp_path):
+    folder, preset = run
+    for part in ("tokenizer", "ae", "base"):
+        (tmp_path / part).symlink_to(folder / part)
+    # A random student: the run's two-step base barely reacts, so as its own student its loss would be ~0.
+    save_file(_random_dit(preset, 1).state_dict(), str(tmp_path / "student.safetensors"))
+    args = train.DistillArgs(chunks=1, batch=2, steps=2, save_every=1, on_policy=1.0,
+                             init=str(tmp_path / "student.safetensors"))
+    lines: list[str] = []
+    train.train_distill(tmp_path, preset, args, say=lines.append)
+    assert "distill: done at step 2" in lines
+    ck = torch.load(tmp_path / "distill" / "ckpt.pt", weights_only=True)
+    start = load_file(str(tmp_path / "student.safetensors"))
+    assert any(not torch.equal(ck["dit"][k], start[k]) for k in start), "the student trained"
+    with pytest.raises(ValueError, match="on_policy is a fraction"):
+        _trajectories(folder, tmp_path, preset, on_policy=1.5)

@@ -593,6 +593,10 @@ class DistillArgs:
     save_every: int = 200
     device: str = "cpu"
     init: str = ""  # a student dit.safetensors to start from (e.g. the previous nano) instead of the teacher
+    # Fraction of steps whose states come from the student's own 4-step rollout (fresh examples, no grad), with the
+    # teacher's guided velocity computed there as the target: the student learns to recover from its own drift,
+    # which the recorded teacher trajectories never show it. Each such step costs ~2x a recorded one.
+    on_policy: float = 0.0
 
 
 def refine(timesteps: Sequence[float], k: int) -> list[float]:
@@ -617,12 +621,33 @@ def _chunk_batch(args: DistillArgs, c: int) -> tuple[Batch, Tensor]:
     return b, g
 
 
+def teacher_velocity(
+    dit: Flux2Transformer, x: Tensor, t: Tensor, txt: Tensor, ref_tok: Tensor | None, ref_ids: Tensor | None,
+    img_ids: Tensor, txt_ids: Tensor, args: DistillArgs,
+) -> Tensor:
+    """The teacher's guided velocity at states x (n of them; txt holds n empty prompts, then the n prompts).
+
+    v = v(-, -) + image_guidance * (v(-, ref) - v(-, -)) + guidance * (v(text, ref) - v(-, ref)), where "-" is no
+    text / no references; without references, or at image_guidance 1, this is plain CFG (one pass fewer).
+    """
+    n = x.shape[0]
+    ref2 = None if ref_tok is None else torch.cat([ref_tok, ref_tok])
+    v = dit(torch.cat([x, x]), img_ids, txt, txt_ids, torch.cat([t, t]), ref=ref2, ref_ids=ref_ids).float()
+    guided = sampling.cfg_combine(v, args.guidance)
+    if ref_tok is not None and args.image_guidance != 1.0:
+        bare = dit(x, img_ids, txt[:n], txt_ids, t).float()
+        guided = guided + (args.image_guidance - 1.0) * (v[:n] - bare)
+    return guided
+
+
 def make_trajectories(
     run: Path, preset: ModelPreset, args: DistillArgs, student: ModelPreset, say: Log = print
 ) -> None:
     """Teacher (base, CFG) solutions recorded at the student's timesteps: (B, student_steps + 1, N, C)."""
     if not args.image_guidance > 0:
         raise ValueError(f"image_guidance must be > 0 (1 is plain CFG), got {args.image_guidance}")
+    if not 0 <= args.on_policy <= 1:
+        raise ValueError(f"on_policy is a fraction of the steps, 0 to 1; got {args.on_policy}")
     out = run / "distill" / "traj"
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device)
@@ -645,17 +670,11 @@ def make_trajectories(
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
             txt = cond.text(["" for _ in range(n)] + b.prompts)
             ref_tok, ref_ids = cond.refs(b.sources)
-            if ref_tok is not None:
-                ref_tok = torch.cat([ref_tok, ref_tok])
             states = [noise]
             x = noise.clone()
             for i, (t, t_next) in enumerate(zip(fine[:-1], fine[1:], strict=True)):
-                tv = torch.full((2 * n,), t, device=dev)
-                v = dit(torch.cat([x, x]), img_ids, txt, txt_ids, tv, ref=ref_tok, ref_ids=ref_ids).float()
-                guided = sampling.cfg_combine(v, args.guidance)
-                if ref_tok is not None and args.image_guidance != 1.0:
-                    bare = dit(x, img_ids, txt[:n], txt_ids, tv[:n]).float()  # no text, no references
-                    guided = guided + (args.image_guidance - 1.0) * (v[:n] - bare)
+                tv = torch.full((n,), t, device=dev)
+                guided = teacher_velocity(dit, x, tv, txt, ref_tok, ref_ids, img_ids, txt_ids, args)
                 x = x + (t_next - t) * guided
                 if (i + 1) % args.substeps == 0:
                     states.append(x.clone())
@@ -696,18 +715,22 @@ def train_distill(run: Path, preset: ModelPreset, args: DistillArgs, say: Log = 
     while step < args.steps:
         rng = random.Random(args.seed * 9_000_011 + step)
         c = rng.randrange(args.chunks)
-        b, _ = _chunk_batch(args, c)
-        states = torch.load(out / "traj" / f"{c:05d}.pt", weights_only=True).float().to(dev)
-        n = states.shape[0]
-        i = torch.tensor(rng.choices(range(steps_student), k=n), device=dev)
-        x = states[torch.arange(n, device=dev), i]
-        target = (states[torch.arange(n, device=dev), i + 1] - x) / (ts[i + 1] - ts[i])[:, None, None]
+        if args.on_policy > 0 and rng.random() < args.on_policy:  # no draw at 0: recorded runs replay
+            b, x, i, target, txt, ref_tok, ref_ids = _on_policy_batch(
+                args, step, ema.shadow, teacher, cond, ts, img_ids, txt_ids, hw, preset.ae.latent_channels, dev)
+        else:
+            b, _ = _chunk_batch(args, c)
+            states = torch.load(out / "traj" / f"{c:05d}.pt", weights_only=True).float().to(dev)
+            n = states.shape[0]
+            i = torch.tensor(rng.choices(range(steps_student), k=n), device=dev)
+            x = states[torch.arange(n, device=dev), i]
+            target = (states[torch.arange(n, device=dev), i + 1] - x) / (ts[i + 1] - ts[i])[:, None, None]
+            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+                txt = cond.text(b.prompts)
+                ref_tok, ref_ids = cond.refs(b.sources)
         lr = cosine_lr(step, args.steps, args.lr, warmup=100)
         for group in opt.param_groups:
             group["lr"] = lr
-        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
-            txt = cond.text(b.prompts)
-            ref_tok, ref_ids = cond.refs(b.sources)
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             v = student(x, img_ids, txt, txt_ids, ts[i], ref=ref_tok, ref_ids=ref_ids)
         loss = F.mse_loss(v.float(), target)
@@ -726,6 +749,36 @@ def train_distill(run: Path, preset: ModelPreset, args: DistillArgs, say: Log = 
                           "step": step}, ck)
             _atomic_safetensors(ema.shadow.state_dict(), out / "dit.safetensors", torch.bfloat16)
     say(f"distill: done at step {step}")
+
+
+def _on_policy_batch(
+    args: DistillArgs, step: int, rollout: Flux2Transformer, teacher: Flux2Transformer, cond: Conditioner,
+    ts: Tensor, img_ids: Tensor, txt_ids: Tensor, hw: int, channels: int, dev: torch.device,
+) -> tuple[Batch, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Fresh examples (a function of the seed and the step), states from the student's own rollout (its EMA),
+    and the teacher's guided velocity at those states as the target."""
+    rng = random.Random(args.seed * 11_000_027 + step)
+    g = torch.Generator().manual_seed(args.seed * 11_000_027 + step)
+    b = sample_batch(rng, args.batch, args.mix)
+    n, steps = len(b.prompts), len(ts) - 1
+    i = torch.tensor([rng.randrange(steps) for _ in range(n)], device=dev)
+    x = torch.randn((n, hw * hw, channels), generator=g).to(dev)
+    rows = torch.arange(n, device=dev)
+    was_training = rollout.training
+    rollout.eval()
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+        txt = cond.text(["" for _ in range(n)] + b.prompts)
+        ref_tok, ref_ids = cond.refs(b.sources)
+        states = [x]
+        for k in range(int(i.max())):
+            tv = torch.full((n,), float(ts[k]), device=dev)
+            v = rollout(x, img_ids, txt[n:], txt_ids, tv, ref=ref_tok, ref_ids=ref_ids).float()
+            x = x + float(ts[k + 1] - ts[k]) * v
+            states.append(x)
+        x = torch.stack(states, dim=1)[rows, i]
+        target = teacher_velocity(teacher, x, ts[i], txt, ref_tok, ref_ids, img_ids, txt_ids, args)
+    rollout.train(was_training)
+    return b, x, i, target, txt[n:], ref_tok, ref_ids
 
 
 # ---------------------------------------------------------------- bundle
