@@ -595,7 +595,7 @@ class DistillArgs:
     init: str = ""  # a student dit.safetensors to start from (e.g. the previous nano) instead of the teacher
     # Fraction of steps whose states come from the student's own 4-step rollout (fresh examples, no grad), with the
     # teacher's guided velocity computed there as the target: the student learns to recover from its own drift,
-    # which the recorded teacher trajectories never show it. Each such step costs ~2x a recorded one.
+    # which the recorded teacher trajectories never show it. Each such step costs ~2.4x a recorded one (3.1 s vs 1.3 s).
     on_policy: float = 0.0
 
 
