@@ -230,8 +230,7 @@ def _trajectories(run, tmp, preset, **kw):
     for part in ("tokenizer", "ae", "base/text_encoder"):
         (folder / part).symlink_to(run / part)
     # The run's base trained for two steps from zeroed output layers and barely reacts to anything; random weights do.
-    torch.manual_seed(0)
-    save_file(Flux2Transformer(preset.dit).state_dict(), str(folder / "base" / "dit.safetensors"))
+    save_file(_random_dit(preset, 0).state_dict(), str(folder / "base" / "dit.safetensors"))
     args = train.DistillArgs(chunks=1, batch=2, substeps=1, **kw)
     train.make_trajectories(folder, preset, args, get_preset("nano"), say=lambda msg: None)
     return torch.load(folder / "distill" / "traj" / "00000.pt", weights_only=True)
@@ -311,4 +310,5 @@ def test_on_policy_distillation_trains_and_bad_fractions_are_refused(run, tmp_pa
     start = load_file(str(tmp_path / "student.safetensors"))
     assert any(not torch.equal(ck["dit"][k], start[k]) for k in start), "the student trained"
     with pytest.raises(ValueError, match="on_policy is a fraction"):
-        _trajectories(folder, tmp_path, preset, on_policy=1.5)
+        train.train_distill(tmp_path / "bad", preset, replace(args, on_policy=1.5), say=lines.append)
+    assert not (tmp_path / "bad").exists()  # refused before any trajectory was recorded

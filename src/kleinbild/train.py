@@ -646,8 +646,6 @@ def make_trajectories(
     """Teacher (base, CFG) solutions recorded at the student's timesteps: (B, student_steps + 1, N, C)."""
     if not args.image_guidance > 0:
         raise ValueError(f"image_guidance must be > 0 (1 is plain CFG), got {args.image_guidance}")
-    if not 0 <= args.on_policy <= 1:
-        raise ValueError(f"on_policy is a fraction of the steps, 0 to 1; got {args.on_policy}")
     out = run / "distill" / "traj"
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device)
@@ -685,6 +683,8 @@ def make_trajectories(
 
 def train_distill(run: Path, preset: ModelPreset, args: DistillArgs, say: Log = print) -> None:
     """Regress the student's velocity at each of its own timesteps onto the teacher's jump to the next one."""
+    if not 0 <= args.on_policy <= 1:  # before the trajectories, so a bad value costs nothing
+        raise ValueError(f"on_policy is a fraction of the steps, 0 to 1; got {args.on_policy}")
     out = run / "distill"
     student_preset = get_preset("nano")
     steps_student = student_preset.default_steps
@@ -764,8 +764,6 @@ def _on_policy_batch(
     i = torch.tensor([rng.randrange(steps) for _ in range(n)], device=dev)
     x = torch.randn((n, hw * hw, channels), generator=g).to(dev)
     rows = torch.arange(n, device=dev)
-    was_training = rollout.training
-    rollout.eval()
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
         txt = cond.text(["" for _ in range(n)] + b.prompts)
         ref_tok, ref_ids = cond.refs(b.sources)
@@ -777,7 +775,6 @@ def _on_policy_batch(
             states.append(x)
         x = torch.stack(states, dim=1)[rows, i]
         target = teacher_velocity(teacher, x, ts[i], txt, ref_tok, ref_ids, img_ids, txt_ids, args)
-    rollout.train(was_training)
     return b, x, i, target, txt[n:], ref_tok, ref_ids
 
 
