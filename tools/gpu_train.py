@@ -43,6 +43,8 @@ def main() -> int:
     ap.add_argument("--distill-batch", type=int, default=64)
     ap.add_argument("--distill-steps", type=int, default=0, help="0: from --distill-seconds")
     ap.add_argument("--student-init", default="", help="start the student from these weights")
+    ap.add_argument("--distill-seed", type=int, default=1, help="another seed: other trajectories' examples")
+    ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--eval-n", type=int, default=50)
     ap.add_argument("--eval-base", type=int, default=1, help="0: evaluate the student only (saves device time)")
     ap.add_argument("--workers", type=int, default=min(14, (os.cpu_count() or 2) - 2))
@@ -72,6 +74,14 @@ def main() -> int:
     say(f"torch {torch.__version__}, {name}, {args.workers} data workers")
     if args.decoder_seconds:
         return decoder(args, src, preset, out, say)
+
+    if args.base_seconds == 0:  # distillation only: the teacher is --src/init as it is
+        if not args.distill_steps:
+            raise SystemExit("--base-seconds 0 needs --distill-steps (there is no calibration to size it)")
+        run = Path(tempfile.mkdtemp())
+        shutil.copytree(src / "run", run, dirs_exist_ok=True)
+        shutil.copytree(src / "init", run / "base", dirs_exist_ok=True)
+        return distill(args, run, preset, out, say, per_step=0.0, base_steps=0)
 
     # Calibration: the same configuration for a few steps in a scratch run.
     stamps: list[tuple[int, float]] = []
@@ -107,18 +117,26 @@ def main() -> int:
     save_file({k: v.float().contiguous() for k, v in ck["ema_te"].items()}, str(out / "ema_te.safetensors"))
     # base/dit.safetensors and text_encoder/ are these EMA weights in bfloat16: $OUT returns at most 8 files
 
+    return distill(args, run, preset, out, say, per_step=per_step, base_steps=steps)
+
+
+def distill(args: argparse.Namespace, run: Path, preset, out: Path, say, per_step: float, base_steps: int) -> int:
+    """Distil the 4-step student from run/base, copy it to $OUT as it is saved, then (unless --eval-n 0) evaluate."""
     t = time.perf_counter()
     # A distillation step costs about 0.7 base steps (H200, batch 128 against 256: 90 against 134 ms); the
     # trajectories come on top (200 x 128: ~70 s), so --distill-seconds is the regression alone.
     d_steps = args.distill_steps or max(1, int(args.distill_seconds / (0.7 * per_step)))
-    d_args = train.DistillArgs(chunks=args.distill_chunks, batch=args.distill_batch, steps=d_steps, lr=1e-4,
-                               device=args.device, mix=args.distill_mix, seed=1,
+    d_args = train.DistillArgs(chunks=args.distill_chunks, batch=args.distill_batch, steps=d_steps, lr=args.distill_lr,
+                               device=args.device, mix=args.distill_mix, seed=args.distill_seed,
                                init=args.student_init)
     say(f"distill: {d_args}")
 
     def distill_say(msg: str) -> None:
         if "trajectories" not in msg or int(msg.split()[2].split("/")[0]) % 50 in (0, 1):
             say(msg)
+        saved = run / "distill" / "dit.safetensors"
+        if msg.startswith("distill step") and saved.is_file():  # a killed run still returns its latest student
+            shutil.copy(saved, out / "nano_dit.safetensors")
 
     train.train_distill(run, preset, d_args, say=distill_say)
     say(f"distill: {time.perf_counter() - t:.0f} s")
@@ -127,14 +145,15 @@ def main() -> int:
     if args.eval_n == 0:
         return 0
     dest = train.export_bundle(run, say=say)  # the package's weights/nano in this copy of the tree
-    assert load_file(str(dest / "flux-2-nano.safetensors")).keys() == dit.keys()
+    teacher_keys = load_file(str(run / "base" / "dit.safetensors")).keys()
+    assert load_file(str(dest / "flux-2-nano.safetensors")).keys() == teacher_keys
     n_base = str(max(1, args.eval_n * 2 // 5))
     evals = [("nano", ["--n", str(args.eval_n)]), ("nano-base", ["--n", n_base, "--steps", "50"])]
     for model, extra in evals[: 1 + bool(args.eval_base)]:
         cmd = [sys.executable, "-m", "kleinbild", "eval", "-m", model, "--device", args.device, "--json", *extra]
         res = subprocess.run(cmd, capture_output=True, text=True)
         say(res.stdout.strip() + res.stderr.strip()[-2000:])
-    say("summary " + json.dumps({"base_steps": steps, "distill_steps": d_steps, "ms_per_step": per_step * 1000}))
+    say("summary " + json.dumps({"base_steps": base_steps, "distill_steps": d_steps, "ms_per_step": per_step * 1000}))
     return 0
 
 
