@@ -60,12 +60,12 @@ def test_eval_subset_meets_the_goals(nano, nano_base):
 
     fast = evaluate(nano, ["single", "double", "compose"], n=20, seed=1000).summary()["tasks"]
     assert fast["single"]["score"] >= 0.75  # measured 0.90 (goal 0.8)
-    assert fast["double"]["score"] >= 0.7  # measured 0.85 (goal 0.5)
-    assert fast["compose"]["score"] >= 0.8  # measured 1.00 (goal 0.6)
+    assert fast["double"]["score"] >= 0.7  # measured 0.90 (goal 0.5)
+    assert fast["compose"]["score"] >= 0.8  # measured 0.95 (goal 0.6)
     # Edits vary most between examples (five kinds of edit): 40 of them, where one image moves the score by 0.025.
     edit = evaluate(nano, ["edit"], n=40, seed=1000).summary()["tasks"]["edit"]["score"]
-    assert edit >= 0.5  # measured 0.575 (goal 0.7; 0.65 at n=300, 0.68 at n=50)
-    slow = evaluate(nano_base, ["single"], n=20, seed=1000, steps=50).summary()["tasks"]  # measured 0.85
+    assert edit >= 0.6  # measured 0.70 (goal 0.7; 0.703 at n=300, 0.72 at n=50)
+    slow = evaluate(nano_base, ["single"], n=20, seed=1000, steps=50).summary()["tasks"]  # measured 0.90
     assert fast["single"]["score"] >= slow["single"]["score"] - 0.1
 
 
