@@ -5,7 +5,6 @@ A failure on the device costs minutes of a small budget, so its code paths are c
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,16 +23,8 @@ pytestmark = pytest.mark.skipif(not (WEIGHTS / NANO.dit_file).is_file(), reason=
 
 def _carried(root: Path) -> Path:
     """The `.gpu` folder as the device command builds it from the package's files."""
-    src = root / ".gpu"
-    (src / "run" / "ae").mkdir(parents=True)
-    (src / "run" / "tokenizer").mkdir()
-    (src / "init" / "text_encoder").mkdir(parents=True)
-    shutil.copy(WEIGHTS / "ae.safetensors", src / "run" / "ae")
-    for f in (WEIGHTS / "text_encoder").glob("tokenizer*.json"):
-        shutil.copy(f, src / "run" / "tokenizer")
-    shutil.copy(WEIGHTS / "flux-2-nano-base.safetensors", src / "init" / "dit.safetensors")
-    shutil.copy(WEIGHTS / "text_encoder" / "model.safetensors", src / "init" / "text_encoder")
-    return src
+    subprocess.run(["bash", str(ROOT / "tools" / "gpu_prepare.sh"), str(root / ".gpu")], cwd=ROOT, check=True)
+    return root / ".gpu"
 
 
 def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -44,15 +35,14 @@ def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_distillation_alone_returns_a_student_of_the_carried_base(tmp_path):
-    _carried(tmp_path)
-    student = WEIGHTS / "flux-2-nano.safetensors"
+    student = _carried(tmp_path) / "student.safetensors"
     res = _run(tmp_path, "--base-seconds", "0", "--distill-steps", "2", "--distill-chunks", "1", "--distill-batch",
                "2", "--distill-seed", "5", "--distill-lr", "3e-5", "--student-init", str(student), "--eval-n", "0")
     assert res.returncode == 0, res.stderr[-2000:]
     log = (tmp_path / "out" / "train.log").read_text()
     assert "seed=5" in log and "lr=3e-05" in log and "calibration" not in log
     got = load_file(str(tmp_path / "out" / "nano_dit.safetensors"))
-    start = load_file(str(student))
+    start = load_file(str(WEIGHTS / "flux-2-nano.safetensors"))
     assert got.keys() == start.keys()
     assert any(not (got[k] == start[k]).all() for k in got)  # it trained: the EMA moved off the start
     base = load_file(str(WEIGHTS / "flux-2-nano-base.safetensors"))
