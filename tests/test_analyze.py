@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from kleinbild.analyze import Analysis, Found, analyze, label_components, matches, score
-from kleinbild.shapes import COLOURS, PALETTE, POSITIONS, SHAPES, SIZES, Obj, Scene, render, sample_scene
+from kleinbild.nano.analyze import Analysis, Found, analyze, label_components, matches, score
+from kleinbild.nano.shapes import COLOURS, PALETTE, POSITIONS, SHAPES, SIZES, Obj, Scene, render, sample_scene
 
 
 def scenes(seed: int, n: int) -> list[Scene]:

@@ -56,7 +56,7 @@ def test_nano_samples_on_its_preset_schedule(nano, monkeypatch):
 
 
 def test_eval_subset_meets_the_goals(nano, nano_base):
-    from kleinbild.evaluate import evaluate
+    from kleinbild.nano.evaluate import evaluate
 
     fast = evaluate(nano, ["single", "double", "compose"], n=20, seed=1000).summary()["tasks"]
     assert fast["single"]["score"] >= 0.75  # measured 0.90 (goal 0.8)
@@ -72,8 +72,8 @@ def test_eval_subset_meets_the_goals(nano, nano_base):
 def test_cli_default_model_writes_the_asked_image(tmp_path, monkeypatch):
     from PIL import Image
 
-    from kleinbild.analyze import analyze
     from kleinbild.cli import main
+    from kleinbild.nano.analyze import analyze
 
     monkeypatch.delenv("KLEINBILD_MODEL", raising=False)
     out = tmp_path / "circle.png"

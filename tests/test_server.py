@@ -31,7 +31,7 @@ httpx = pytest.importorskip("httpx")
 from tiny import reference_pipeline  # noqa: E402
 
 from kleinbild.pipeline import KleinPipeline  # noqa: E402
-from kleinbild.server import ServerSettings, create_app  # noqa: E402
+from kleinbild.serve.app import ServerSettings, create_app  # noqa: E402
 
 SMALL = {"size": "64x64", "steps": 2}
 

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from kleinbild.shapes import (
+from kleinbild.nano.shapes import (
     COLOURS,
     EDIT_KINDS,
     HELD_OUT,

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kleinbild import sampling, train
+from kleinbild import sampling
 from kleinbild.config import get_preset
+from kleinbild.nano import train
 from kleinbild.pipeline import KleinPipeline
 from kleinbild.transformer import Flux2Transformer
 
@@ -66,7 +67,7 @@ def test_stop_at_keeps_the_schedule_and_checkpoints(run):
 def test_drill_batches_are_one_or_two_objects_in_one_phrasing():
     import random
 
-    from kleinbild import shapes
+    from kleinbild.nano import shapes
 
     counts = set()
     for seed in range(4):
@@ -140,7 +141,7 @@ def test_init_folder_must_hold_the_weights(run, tmp_path):
 def test_loose_batches_leave_attributes_out():
     import random
 
-    from kleinbild import shapes
+    from kleinbild.nano import shapes
 
     left_out = {"size": 0, "position": 0}
     for seed in range(6):

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from kleinbild import shapes
 from kleinbild import train_lora as tl
+from kleinbild.nano import shapes
 
 pytest.importorskip("diffusers")
 

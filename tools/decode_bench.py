@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKLFlux2
 
 from kleinbild.autoencoder import AutoEncoder
-from kleinbild.bench import _diffusers_vae_config
+from kleinbild.bench.cpu import _diffusers_vae_config
 from kleinbild.config import get_preset
 from kleinbild.convert import vae_to_diffusers
 

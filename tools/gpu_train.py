@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from kleinbild import train
 from kleinbild.config import get_preset
+from kleinbild.nano import train
 
 
 def _mix(text: str) -> tuple[float, ...]:

@@ -9,8 +9,8 @@ import torch
 import transformers
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
-from kleinbild.bench import _qwen3_config
-from kleinbild.bench_device import _materialise
+from kleinbild.bench.cpu import _qwen3_config
+from kleinbild.bench.device import _materialise
 from kleinbild.config import get_preset
 from kleinbild.text_encoder import Qwen3TextEncoder
 

@@ -315,12 +315,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kleinbild import bench
+    from kleinbild.bench.cpu import cpu as bench
 
     if not args.random_weights:
         raise ValueError("kleinbild bench measures random full-size weights for now: pass --random-weights")
     if args.device != "cpu":
-        from kleinbild import bench_device
+        from kleinbild.bench.cpu import device as bench_device
         from kleinbild.pipeline import pick_device
 
         dev = pick_device(args.device)
@@ -356,8 +356,8 @@ def cmd_models() -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from kleinbild import train
     from kleinbild.config import get_preset
+    from kleinbild.nano import train
 
     run = Path(args.run)
     base = get_preset("nano-base")
@@ -392,7 +392,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from kleinbild.evaluate import evaluate, format_table, save_grid
+    from kleinbild.nano.evaluate import evaluate, format_table, save_grid
     from kleinbild.pipeline import KleinPipeline
 
     pipe = KleinPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, quant=args.quant,
@@ -410,7 +410,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kleinbild.server import ServerSettings, api_keys_from_env, serve
+    from kleinbild.serve.app import ServerSettings, api_keys_from_env, serve
 
     keys = tuple(dict.fromkeys([*args.api_key, *api_keys_from_env()]))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not keys:

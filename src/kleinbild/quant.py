@@ -838,8 +838,8 @@ def quality_report(model: str = "nano", formats: Iterable[str] = FORMATS, n: int
                    device: str | None = None) -> dict[str, Any]:
     """Against the bf16 pipeline: PSNR of each format's images (same prompts and seeds: the shapes eval set) and the
     eval score of each (the analyser's "all right" rate over `tasks`). For the shapes-world (nano) models."""
-    from kleinbild import shapes
-    from kleinbild.evaluate import evaluate
+    from kleinbild.nano import shapes
+    from kleinbild.nano.evaluate import evaluate
     from kleinbild.pipeline import KleinPipeline
 
     tasks = list(tasks)

@@ -1,7 +1,7 @@
 """LoRA training on a folder of captioned images (or edit pairs), and the tools to show that it teaches a concept.
 
 `train_lora` keeps the base model frozen and trains rank-r adapters on the transformer's block linears with the
-flow-matching loss of the base stage (`kleinbild.train`). Each checkpoint writes the optimiser state (`ckpt.pt`),
+flow-matching loss of the base stage (`kleinbild.nano.train`). Each checkpoint writes the optimiser state (`ckpt.pt`),
 the adapter in the diffusers/PEFT format (`lora-STEP.safetensors`, loadable by diffusers' `load_lora_weights`,
 ComfyUI and kleinbild) and a sample image; a run resumes from its last checkpoint. The data of step k depends only
 on the seed and k, so a resumed run continues exactly.
@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
-from kleinbild import lora, sampling, shapes
+from kleinbild import lora, sampling
 from kleinbild.images import to_tensor
+from kleinbild.nano import shapes
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def _atomic_torch_save(obj: object, path: Path) -> None:
 
 
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth (the schedule of `kleinbild.train`)."""
+    """Linear warm-up, then cosine decay to a tenth (the schedule of `kleinbild.nano.train`)."""
     decay = 0.1 + 0.45 * (1 + math.cos(math.pi * min(step, total) / total))
     return base * min(1.0, (step + 1) / max(1, warmup)) * decay
 
@@ -486,7 +487,7 @@ def concept_presence(image: Image.Image, shape: str, min_iou: float = 0.6) -> di
     object's colour mask, in a square box around it, is compared with every shape's template (the world's and the
     concept's). Present when the concept's template fits best, with IoU >= `min_iou`. Returns whether it is
     present and, if so, the concept object as the analyser read it (`found`) with its IoU."""
-    from kleinbild.analyze import _box3, _classify, analyze
+    from kleinbild.nano.analyze import _box3, _classify, analyze
 
     _check_concept(shape)
     rgb = np.asarray(image.convert("RGB"))
@@ -523,7 +524,7 @@ def concept_eval(
     the prompted colour, size and position); on the eval set's unrelated prompts, the analyser score and the PSNR of
     with-LoRA against without-LoRA images (same seeds). `lora_name` (default: all attached) is switched off for the
     baseline by setting its scale to 0."""
-    from kleinbild.analyze import analyze, matches
+    from kleinbild.nano.analyze import analyze, matches
     from kleinbild.quant import psnr
 
     _check_concept(shape)

@@ -241,7 +241,7 @@ def random_checkpoint(preset_name: str, folder: Path, seed: int = 0, say: Any = 
         w.add("lm_head.weight", _random_like((c.vocab_size, c.hidden_size), "lm_head", g, bf16))
     w.close()
 
-    from kleinbild.train import corpus
+    from kleinbild.nano.train import corpus
 
     train_qwen_style_tokenizer(corpus(3000, seed), folder / "tokenizer", vocab_size=600)
     (folder / "scheduler").mkdir(exist_ok=True)
@@ -337,7 +337,7 @@ def child(engine: str, folder: str, size: int, steps: int, dtype: str, text_laye
 
 def _run_child(engine: str, args: dict[str, Any], threads: int) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "kleinbild.bench", "--child", engine, json.dumps(args)]
+    cmd = [sys.executable, "-m", "kleinbild.bench.cpu", "--child", engine, json.dumps(args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{engine} run failed:\n{proc.stderr[-3000:]}")

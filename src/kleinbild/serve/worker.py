@@ -1,5 +1,5 @@
 """The server's engine room: jobs, the bounded queue, the one worker thread that owns the pipeline, batching,
-progress previews, output files and metrics. Nothing here knows HTTP; `kleinbild.server` is the shell.
+progress previews, output files and metrics. Nothing here knows HTTP; `kleinbild.serve.app` is the shell.
 
 Threads: the asyncio loop owns every `Job` field that clients read (state, events, results); the worker thread
 only reads a job's spec and its cancel flag and hands everything else back with `loop.call_soon_threadsafe`,

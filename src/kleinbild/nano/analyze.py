@@ -1,6 +1,6 @@
 """A deterministic reader of shapes-world images: which background, which objects, where, how big, what shape.
 
-Used to score generated images against the scene they were asked for (see `kleinbild.shapes`). Pure numpy, with its
+Used to score generated images against the scene they were asked for (see `kleinbild.nano.shapes`). Pure numpy, with its
 own connected-component labelling (a run-length union-find); a 128 px image takes about a millisecond.
 
 Pipeline: a 3x3 mean takes the edge off pixel noise; every pixel is classified to its nearest palette colour (far from
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from kleinbild.shapes import COLOURS, PALETTE, POSITIONS, SIZE_FRACTIONS, Obj, Scene
+from kleinbild.nano.shapes import COLOURS, PALETTE, POSITIONS, SIZE_FRACTIONS, Obj, Scene
 
 _PALETTE_RGB = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)
 # Pixels farther than this (RGB distance) from every palette colour are "unknown". The closest palette pair is ~90

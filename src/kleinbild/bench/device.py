@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kleinbild.bench import (
+from kleinbild.bench.cpu import (
     PROMPT,
     _diffusers_transformer_config,
     _diffusers_vae_config,
@@ -71,10 +71,10 @@ def random_pipeline(preset: str | ModelPreset, device: str | torch.device, token
     """A KleinPipeline of the preset's full size with seeded random weights made on `device` (no files); its
     tokenizer is trained into `tokenizer_dir` (reused if already there)."""
     from kleinbild.autoencoder import AutoEncoder
+    from kleinbild.nano.train import corpus
     from kleinbild.pipeline import KleinPipeline
     from kleinbild.text_encoder import Qwen3TextEncoder
     from kleinbild.tokenizer import PromptTokenizer, train_qwen_style_tokenizer
-    from kleinbild.train import corpus
     from kleinbild.transformer import Flux2Transformer
 
     p = get_preset(preset) if isinstance(preset, str) else preset
@@ -223,7 +223,7 @@ def psnr(a: Any, b: Any) -> float:
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192, reps: int = 10) -> float:
     """Achieved GFLOP/s of an n x n x n product on random data (the ceiling the DiT step is compared with)."""
     if device.type == "cpu":
-        from kleinbild.bench import matmul_rate as cpu_rate
+        from kleinbild.bench.cpu import matmul_rate as cpu_rate
         return cpu_rate(str(dtype).removeprefix("torch."), n=min(n, 2048))
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):

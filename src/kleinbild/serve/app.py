@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kleinbild import __version__
 from kleinbild.images import MAX_PIXELS, MIN_SIDE, InputError
-from kleinbild.jobs import (
+from kleinbild.serve.worker import (
     FAILED,
     SUCCEEDED,
     Engine,
@@ -657,7 +657,7 @@ def _model_id(pipe: KleinPipeline, settings: ServerSettings) -> str:
 
 
 def _playground() -> str:
-    return resources.files("kleinbild").joinpath("static/playground.html").read_text(encoding="utf-8")
+    return resources.files("kleinbild.serve").joinpath("static/playground.html").read_text(encoding="utf-8")
 
 
 _CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "

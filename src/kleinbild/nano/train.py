@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from kleinbild import sampling, shapes
+from kleinbild import sampling
 from kleinbild.autoencoder import AutoEncoder
 from kleinbild.config import ModelPreset, get_preset
 from kleinbild.images import to_tensor
+from kleinbild.nano import shapes
 from kleinbild.text_encoder import Qwen3TextEncoder
 from kleinbild.tokenizer import PromptTokenizer, train_qwen_style_tokenizer
 from kleinbild.transformer import Flux2Transformer

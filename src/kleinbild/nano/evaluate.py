@@ -9,8 +9,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from kleinbild import shapes
-from kleinbild.analyze import analyze, matches
+from kleinbild.nano import shapes
+from kleinbild.nano.analyze import analyze, matches
 
 TASKS = ("single", "double", "edit", "compose", "held_out")
 ATTRIBUTES = ("background", "count", "colour", "shape", "size", "position")

@@ -6,7 +6,7 @@ same scenes, prompts and pixels; nothing here touches the global random state.
 Geometry: the image is a 3x3 grid of cells and each object is centred in its own cell. Small objects span
 `SIZE_FRACTIONS["small"]` of the image side, big ones `SIZE_FRACTIONS["big"]`; big is a little under a third so that
 objects in neighbouring cells (and corner objects and the image border) keep a visible gap even at 64 px, which
-keeps them separable for the pixel analyzer in `kleinbild.analyze`.
+keeps them separable for the pixel analyzer in `kleinbild.nano.analyze`.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class Obj:
 class Scene:
     """A background colour and 1..3 objects in distinct cells, none in the background's colour.
 
-    Not validated on construction: `kleinbild.analyze` builds scenes from arbitrary pixels, which may break the rules.
+    Not validated on construction: `kleinbild.nano.analyze` builds scenes from arbitrary pixels, which may break the rules.
     """
 
     background: str
