@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kleinbild import lora
+from kleinbild import lora, lora_host
 from kleinbild.config import DiTConfig
 from kleinbild.sampling import make_noise
 from kleinbild.transformer import Flux2Transformer
@@ -196,7 +196,7 @@ def test_several_adapters_scales_fuse_and_unload():
     dit = tiny_dit()
     base = run(dit)
     one, two = random_official(dit, seed=5), random_official(dit, rank=2, seed=6)
-    h = lora.host(dit)
+    h = lora_host.host(dit)
     h.add(one, 0.5, name="one")
     h.add(two, 1.0, name="two")
     stacked = run(dit)
@@ -235,7 +235,7 @@ def test_lora_on_quantized_layers_stays_unfused():
     quant.quantize_model(dit, "int8")
     base = run(dit)
     ad = random_official(dit, seed=8)
-    h = lora.host(dit)
+    h = lora_host.host(dit)
     h.add(ad, 1.0, name="a")
     kept = h.fuse()
     assert kept and all(m.startswith(("double_blocks", "single_blocks")) for m in kept)

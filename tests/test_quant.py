@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kleinbild import quant
+from kleinbild import quant, quant_file, quantize
 from kleinbild.config import PRESETS
+from kleinbild.images import psnr
 from kleinbild.transformer import Flux2Transformer
 
 # ---------------------------------------------------------------- E2M1, nibbles, block-scale layout
@@ -89,7 +90,7 @@ def test_nvfp4_weight_hand_values():
     want = [6, -4, 3, 2, 2, 0, 0.5, -1, 4, 1, 0, -6, 0.5, 1, 1.5, 2] + [6 * unit, -3 * unit, 0.5 * unit] + [0] * 13
     torch.testing.assert_close(q.dequantize()[0], torch.tensor(want), rtol=1e-6, atol=1e-7)
     # In the file: high nibble first, block scales tiled to (128, 4), the global scale as weight_scale_2.
-    ft = quant.to_file_tensors("double_blocks.0.img_mlp.0", q)
+    ft = quant_file.to_file_tensors("double_blocks.0.img_mlp.0", q)
     assert ft["double_blocks.0.img_mlp.0.weight"][0, :3].tolist() == [0x7E, 0x54, 0x40]
     scale = ft["double_blocks.0.img_mlp.0.weight_scale"]
     assert scale.dtype == torch.float8_e4m3fn and scale.shape == (128, 4)
@@ -123,9 +124,9 @@ def _state(seed: int = 0) -> dict[str, torch.Tensor]:
 def test_quantized_file_round_trip(tmp_path, fmt):
     state = _state()
     path = tmp_path / f"m-{fmt}.safetensors"
-    res = quant.save_quantized(state, path, fmt)
+    res = quant_file.save_quantized(state, path, fmt)
     assert res["layers"] == 3
-    plain, layers = quant.load_quantized_file(path)
+    plain, layers = quant_file.load_quantized_file(path)
     assert sorted(layers) == ["double_blocks.0.img_attn.qkv", "double_blocks.1.img_attn.proj",
                               "single_blocks.0.linear2"]
     assert sorted(plain) == ["double_blocks.0.img_attn.proj.weight", "img_in.weight",
@@ -134,7 +135,7 @@ def test_quantized_file_round_trip(tmp_path, fmt):
     for name, qw in layers.items():
         direct = quant.quantize_weight(state[name + ".weight"], fmt)
         assert qw.format == fmt and torch.equal(qw.dequantize(), direct.dequantize()), name
-    shapes = quant.logical_shapes([path])
+    shapes = quant_file.logical_shapes([path])
     assert shapes["single_blocks.0.linear2.weight"] == (32, 128), "packed NVFP4 weights read at their full width"
     assert not any(k.endswith(("weight_scale", "weight_scale_2", "comfy_quant")) for k in shapes)
 
@@ -147,12 +148,12 @@ def test_reads_unmarked_prefixed_files(tmp_path):
     fp8, nv = quant.quantize_weight(w, "fp8"), quant.quantize_weight(w, "nvfp4")
     tensors = {}
     for name, qw in (("double_blocks.1.img_mlp.2", fp8), ("single_blocks.0.linear1", nv)):
-        for k, v in quant.to_file_tensors(name, qw).items():
+        for k, v in quant_file.to_file_tensors(name, qw).items():
             if not k.endswith("comfy_quant"):
                 tensors["model.diffusion_model." + k] = v
     tensors["model.diffusion_model.double_blocks.1.img_mlp.2.input_scale"] = torch.tensor(0.5)
     save_file(tensors, str(tmp_path / "c.safetensors"))
-    plain, layers = quant.load_quantized_file(tmp_path / "c.safetensors")
+    plain, layers = quant_file.load_quantized_file(tmp_path / "c.safetensors")
     assert plain == {} and {q.format for q in layers.values()} == {"fp8", "nvfp4"}
     assert torch.equal(layers["double_blocks.1.img_mlp.2"].dequantize(), fp8.dequantize())
     assert torch.equal(layers["single_blocks.0.linear1"].dequantize(), nv.dequantize())
@@ -160,14 +161,14 @@ def test_reads_unmarked_prefixed_files(tmp_path):
 
 
 def test_bad_quantized_files_are_named():
-    bad = quant.to_file_tensors("a.b", quant.quantize_weight(torch.randn(32, 32), "nvfp4"))
+    bad = quant_file.to_file_tensors("a.b", quant.quantize_weight(torch.randn(32, 32), "nvfp4"))
     bad["a.b.weight_scale"] = bad["a.b.weight_scale"][:64]
     with pytest.raises(ValueError, match=r"a\.b\.weight_scale has shape \(64, 4\)"):
-        quant.from_file_tensors(bad)
+        quant_file.from_file_tensors(bad)
     odd = {"x.weight": torch.zeros(4, 4, dtype=torch.int8), "x.weight_scale": torch.ones(4),
            "x.comfy_quant": torch.tensor(list(b'{"format": "mxfp8"}'), dtype=torch.uint8)}
     with pytest.raises(ValueError, match="layer x uses quantization format 'mxfp8'"):
-        quant.from_file_tensors(odd)
+        quant_file.from_file_tensors(odd)
     with pytest.raises(ValueError, match="unknown quantization format 'fp4'"):
         quant.quantize_weight(torch.randn(4, 16), "fp4")
 
@@ -213,7 +214,7 @@ def test_weight_memory():
         with torch.device("meta"):
             meta = Flux2Transformer(cfg)
         sd = {k: v.clone() for k, v in dit.state_dict().items()}
-        quant.prepare_quantized(meta, sd, fmt, "cpu")
+        quant_file.prepare_quantized(meta, sd, fmt, "cpu")
         from kleinbild.loading import load_into
 
         load_into(meta, sd, "nano", torch.device("cpu"), torch.bfloat16)
@@ -251,7 +252,7 @@ def test_quantize_on_load_keeps_the_image(tmp_path):
         assert pipe.quant == fmt and quant.quant_summary(pipe.transformer) == {fmt: 10}
         got = pipe.generate("a red circle", width=64, height=64, noise=noise)
         assert got.settings["quant"] == fmt
-        db = quant.psnr(got.images[0], ref.images[0])
+        db = psnr(got.images[0], ref.images[0])
         assert floor <= db < float("inf"), (fmt, db)
 
 
@@ -261,7 +262,7 @@ def test_quantized_single_file_loads_like_quantize_on_load(tmp_path):
 
     folder, opts = _tiny()
     out = tmp_path / "flux-2-klein-4b-nvfp4.safetensors"
-    res = quant.quantize_file(folder, out, "nvfp4", dtype=None)  # the tiny model is float32: keep it for exactness
+    res = quantize.quantize_file(folder, out, "nvfp4", dtype=None)  # the tiny model is float32: keep it for exactness
     assert res["layers"] == 10 and out.is_file()
     noise = make_noise(1, 32, 16, 16, seed=6)
     on_load = KleinPipeline.from_pretrained(folder, quant="nvfp4", **opts)
@@ -274,11 +275,11 @@ def test_quantized_single_file_loads_like_quantize_on_load(tmp_path):
     made = {k: v for k, v in on_load.transformer.named_buffers() if k.rsplit(".", 1)[-1].startswith("q")}
     read = dict(from_file.transformer.named_buffers())
     assert made and all(torch.equal(v, read[k]) for k, v in made.items())
-    assert quant.psnr(a, b) > 60
+    assert psnr(a, b) > 60
     with pytest.raises(ValueError, match=r"already quantized \(nvfp4\)"):
         KleinPipeline.from_pretrained(out, vae=folder / "vae", text_encoder=folder, quant="fp8", **opts)
     with pytest.raises(ValueError, match="already quantized"):
-        quant.quantize_file(out, tmp_path / "again.safetensors", "fp8")
+        quantize.quantize_file(out, tmp_path / "again.safetensors", "fp8")
 
 
 def test_cli_quantize_and_report(tmp_path):

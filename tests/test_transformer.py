@@ -100,7 +100,7 @@ def test_kv_extract_and_cached_match(pair):
     expect0, cache = ref_model(hidden_states=torch.cat([rtok, img], 1), encoder_hidden_states=txt, timestep=t0,
                                img_ids=torch.cat([rid, iid]), txt_ids=tid, guidance=None, return_dict=False,
                                kv_cache_mode="extract", num_ref_tokens=rtok.shape[1])
-    got0, ours_cache = ours(img, iid, txt, tid, t0, ref=rtok, ref_ids=rid, extract_kv=True)
+    got0, ours_cache = ours.extract_kv(img, iid, txt, tid, t0, ref=rtok, ref_ids=rid)
     torch.testing.assert_close(got0, expect0, atol=ATOL, rtol=0)
     assert len(ours_cache.double) == 2 and len(ours_cache.single) == 2
     t1 = torch.tensor([0.6, 0.6])

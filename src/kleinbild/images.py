@@ -1,13 +1,17 @@
-"""Image preparation and conversion (PIL <-> tensors), with the reference code's rules for references."""
+"""Image preparation and conversion (PIL <-> tensors, PNG bytes with their settings), with the reference code's
+rules for references."""
 
 from __future__ import annotations
 
+import io
+import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
 
 MIN_SIDE = 64
@@ -16,7 +20,11 @@ MAX_PIXELS = 4 * 1024 * 1024
 
 
 class InputError(ValueError):
-    """Bad user input; the message names the value and how to fix it."""
+    """Bad user input; the message names the value and how to fix it, `param` the request field at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -63,7 +71,8 @@ def center_crop_multiple(img: Image.Image, multiple: int) -> Image.Image:
 def prepare_reference(img: Image.Image, max_pixels: int, multiple: int, index: int = 0) -> Image.Image:
     """RGB, size checks, downscale cap, centre crop to a multiple of the token size."""
     if not isinstance(img, Image.Image):
-        raise InputError(f"reference image {index} is a {type(img).__name__}; pass a PIL image or a file path")
+        raise InputError(f"reference image {index} is a {type(img).__name__}; pass a PIL image or a file path",
+                         "images")
     img = img.convert("RGB")
     check_reference(img, index)
     return center_crop_multiple(cap_pixels(img, max_pixels), multiple)
@@ -79,3 +88,43 @@ def to_pil(x: Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images, rounding like diffusers' postprocess."""
     x = (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in x]
+
+
+def psnr(a: Any, b: Any) -> float:
+    """PSNR in dB of two uint8 images (PIL or arrays); inf when identical."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+PNG_SETTINGS_KEY = "kleinbild"
+
+
+def encode_png(img: Image.Image, settings: dict[str, Any]) -> bytes:
+    """PNG bytes carrying `settings`: each scalar as its own text chunk (what image viewers show), and the whole
+    dict as JSON under `kleinbild` (what `read_png_settings` reads back)."""
+    info = PngImagePlugin.PngInfo()
+    for k, v in settings.items():
+        if v is not None and not isinstance(v, (dict, list, tuple)):
+            info.add_text(k, str(v))
+    info.add_text(PNG_SETTINGS_KEY, json.dumps(settings))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def read_png_settings(path: str | Path) -> dict[str, Any]:
+    """The settings a kleinbild PNG was made with (see `encode_png`)."""
+    img = open_image(path)
+    raw = getattr(img, "text", {}).get(PNG_SETTINGS_KEY)
+    if raw is None:
+        raise InputError(f"{str(path)!r} carries no kleinbild settings (it was not written by kleinbild, or its "
+                         "metadata was stripped)")
+    try:
+        settings = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{str(path)!r}: its kleinbild settings are not valid JSON ({e})") from None
+    if not isinstance(settings, dict) or not isinstance(settings.get("prompt"), str):
+        raise InputError(f"{str(path)!r}: its kleinbild settings hold no prompt")
+    return settings
+

@@ -10,72 +10,31 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from kleinbild.config import PRESETS, AEConfig, DiTConfig, ModelPreset, TextEncoderConfig, get_preset
 from kleinbild.convert import dit_from_diffusers, is_diffusers_dit, is_diffusers_vae, vae_from_diffusers
+from kleinbild.files import (
+    ModelNotFoundError,
+    read_shapes,
+    read_tensors,
+    release_file_pages,
+    safetensors_files,
+    strip_prefix,
+)
+from kleinbild.images import InputError
+from kleinbild.quant_file import logical_shapes
 
 log = logging.getLogger(__name__)
 
 DIFFUSERS_PATTERNS = ["model_index.json", "transformer/*", "vae/*", "text_encoder/*", "tokenizer/*", "scheduler/*"]
 _PIPELINE_CLASSES = {"Flux2KleinPipeline", "Flux2KleinKVPipeline"}
-
-
-class ModelNotFoundError(ValueError):
-    """A model path or id that holds no usable model; the message says what was looked for."""
-
-
-# ---------------------------------------------------------------- safetensors reading
-
-
-def safetensors_files(folder: Path, stem: str) -> list[Path]:
-    """The weight files of a component folder: `stem.safetensors`, or the shards listed in its index."""
-    single = folder / f"{stem}.safetensors"
-    if single.is_file():
-        return [single]
-    index = folder / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({folder / f for f in weight_map.values()})
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise ModelNotFoundError(f"{index} lists shards that are not there: {missing}")
-        return files
-    found = sorted(folder.glob("*.safetensors"))
-    if found:
-        return found
-    raise ModelNotFoundError(f"no .safetensors weights in {folder}")
-
-
-def read_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                shapes[k] = tuple(fh.get_slice(k).get_shape())
-    return shapes
-
-
-def read_tensors(
-    files: Iterable[Path],
-    wanted: Callable[[str], bool] = lambda k: True,
-    rename: Callable[[str], str] = lambda k: k,
-) -> dict[str, Tensor]:
-    """Read the tensors whose (renamed) key is wanted; the others are never read from disk."""
-    out: dict[str, Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                name = rename(k)
-                if wanted(name):
-                    out[name] = fh.get_tensor(k)
-    return out
 
 
 def load_into(model: nn.Module, state: dict[str, Tensor], what: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -115,6 +74,81 @@ def _read_json(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------- where the parts are
+
+
+# ---------------------------------------------------------------- how to load
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model, beside where it is: the one type every entry point (Python, CLI, server, LoRA training,
+    benchmarks) passes on. See `KleinPipeline.from_pretrained` for what each field does."""
+
+    vae: str | Path | None = None
+    text_encoder: str | Path | None = None
+    preset: str | None = None
+    device: str | torch.device | None = None
+    dtype: str | torch.dtype | None = None
+    quant: str | None = None
+    loras: tuple[str | tuple[str | Path, float], ...] = ()
+    fuse_loras: bool = False
+    offload_mode: str = "none"
+    compile: bool = False
+    text_layers: tuple[int, ...] | None = None
+    max_text_length: int | None = None
+
+    def with_changes(self, **changes: Any) -> LoadOptions:
+        """A copy with some fields changed; an unknown name is an error that lists the fields."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise TypeError(f"unknown load option(s) {unknown}; LoadOptions has {sorted(names)}")
+        if "loras" in changes:
+            changes["loras"] = tuple(changes["loras"] or ())
+        return replace(self, **changes)
+
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps", "device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for but PyTorch sees no CUDA GPU here; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device 'mps' was asked for but it is not available here; use --device cpu")
+    return dev
+
+
+def pick_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """bfloat16 unless asked otherwise: fast on GPUs and on CPUs with AVX-512 bf16, and what the weights ship in."""
+    if dtype is None:
+        return torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise InputError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32") from None
+
 
 
 @dataclass(frozen=True)
@@ -216,8 +250,6 @@ def single_file_files(
     text_layers: tuple[int, ...] | None = None,
     max_text_length: int | None = None,
 ) -> ModelFiles:
-    from kleinbild.quant import logical_shapes
-
     # Quantized files: scales dropped and packed weights at full width, so the architecture reads the same.
     shapes = logical_shapes([dit_path])
     if is_diffusers_dit(set(shapes)):
@@ -353,8 +385,6 @@ def where_is(preset: ModelPreset) -> Path | None:
 
 
 def dit_state(files: ModelFiles) -> dict[str, Tensor]:
-    from kleinbild.quant import strip_prefix  # ComfyUI-saved files prefix the official names
-
     sd = read_tensors(files.dit_files, rename=strip_prefix if files.dit_layout == "bfl" else lambda k: k)
     if files.dit_layout != "diffusers":
         return sd
@@ -363,45 +393,6 @@ def dit_state(files: ModelFiles) -> dict[str, Tensor]:
     kept = {id(t) for t in out.values()}
     release_file_pages([t for t in sd.values() if id(t) not in kept])
     return out
-
-
-def _file_mappings() -> list[tuple[int, int, str]]:
-    out = []
-    with open("/proc/self/maps") as fh:
-        for line in fh:
-            parts = line.split(maxsplit=5)
-            if len(parts) == 6 and parts[5].startswith("/"):
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                out.append((lo, hi, parts[5].strip()))
-    return out
-
-
-def release_file_pages(tensors: Iterable[Tensor]) -> int:
-    """Drop this process's resident pages under tensors that are views of a memory-mapped .safetensors file
-    (madvise DONTNEED; Linux only). A later read would fault them in again from the file, so this never changes a
-    value; tensors in anonymous memory are left alone (there the call would zero them). Returns bytes released."""
-    import ctypes
-    import mmap
-    import sys
-
-    tensors = [t for t in tensors if t.device.type == "cpu" and t.numel()]
-    if sys.platform != "linux" or not tensors:
-        return 0
-    try:
-        maps = _file_mappings()
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return 0
-    page, released = mmap.PAGESIZE, 0
-    for t in tensors:
-        start = t.data_ptr()
-        end = start + t.numel() * t.element_size()
-        if not any(lo <= start and end <= hi and path.endswith(".safetensors") for lo, hi, path in maps):
-            continue
-        a, b = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
-        if b > a and madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4) == 0:  # 4: MADV_DONTNEED
-            released += b - a
-    return released
 
 
 def ae_state(files: ModelFiles) -> dict[str, Tensor]:
@@ -416,3 +407,20 @@ def _hf_text_key(k: str) -> str:
 
 def text_state(files: ModelFiles, wanted: Callable[[str], bool]) -> dict[str, Tensor]:
     return read_tensors(files.text_files, wanted=wanted, rename=_hf_text_key)
+
+
+def read_transformer(model: str | Path) -> dict[str, Tensor]:
+    """The transformer of a model (a .safetensors file in official or diffusers naming, a diffusers folder, a preset
+    or a repo id) as an official-named state dict, without loading anything else."""
+    from safetensors.torch import load_file
+
+    p = Path(model).expanduser()
+    if p.is_file():
+        state = {strip_prefix(k): v for k, v in load_file(str(p)).items()}
+        return dit_from_diffusers(state) if is_diffusers_dit(set(state)) else state
+    if p.is_dir():
+        # Only the transformer is read: a diffusers pipeline folder, or its transformer/ folder itself.
+        folder = p / "transformer" if (p / "transformer").is_dir() else p
+        if list(folder.glob("diffusion_pytorch_model*.safetensors")):
+            return dit_from_diffusers(read_tensors(safetensors_files(folder, "diffusion_pytorch_model")))
+    return dit_state(locate(model))

@@ -28,13 +28,12 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kleinbild.convert import _DIT_SIMPLE, _DOUBLE_QKV, _DOUBLE_SIMPLE, _SINGLE_SIMPLE
@@ -220,9 +219,16 @@ def parse_lora(source: LoraSource, model: nn.Module, metadata: Mapping[str, str]
     """Read a LoRA in any supported format and map it onto `model`'s layers; raises ValueError naming every key or
     shape that does not fit."""
     tensors, meta, where = _read(source)
-    meta = dict(metadata or meta)
     if not tensors:
         raise ValueError(f"{where} holds no tensors")
+    _refuse_other_kinds(tensors, where)
+    table = name_table(model)
+    groups, fmt = _group_keys(tensors, table, where)
+    parts = _scaled_pairs(groups, table, linear_layers(model), _peft_scales(dict(metadata or meta)), where)
+    return LoraWeights(_assemble(parts, linear_layers(model)), "+".join(sorted(fmt)), where)
+
+
+def _refuse_other_kinds(tensors: Mapping[str, Tensor], where: str) -> None:
     for marker, kind in _OTHER_KINDS.items():
         hits = [k for k in tensors if re.search(marker, k)]
         if hits:
@@ -231,11 +237,23 @@ def parse_lora(source: LoraSource, model: nn.Module, metadata: Mapping[str, str]
                 "(lora_A/lora_B or lora_down/lora_up pairs). Merge it into the base weights with its training tool, "
                 "or export it as a LoRA"
             )
-    table = name_table(model)
-    layers = linear_layers(model)
+
+
+def _key_format(key: str, name: str) -> str:
+    if key.startswith("lora_unet_") or ".lora_down" in key:
+        return "kohya"
+    if name.split(".")[0] in ("transformer_blocks", "single_transformer_blocks") or name in (
+            "x_embedder", "context_embedder", "proj_out", "norm_out.linear"):
+        return "diffusers"
+    return "official"
+
+
+def _group_keys(tensors: Mapping[str, Tensor], table: Mapping[str, Target], where: str
+                ) -> tuple[dict[str, dict[str, Tensor]], set[str]]:
+    """{layer name: {"A", "B", "alpha": tensor}} and the formats seen; every key must land on a layer."""
     groups: dict[str, dict[str, Tensor]] = {}
     unmatched: list[str] = []
-    fmt = set()
+    fmt: set[str] = set()
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m:
@@ -249,13 +267,7 @@ def parse_lora(source: LoraSource, model: nn.Module, metadata: Mapping[str, str]
         if name not in table:
             unmatched.append(key)
             continue
-        if key.startswith("lora_unet_") or ".lora_down" in key:
-            fmt.add("kohya")
-        elif name.split(".")[0] in ("transformer_blocks", "single_transformer_blocks") or name in (
-            "x_embedder", "context_embedder", "proj_out", "norm_out.linear"):
-            fmt.add("diffusers")
-        else:
-            fmt.add("official")
+        fmt.add(_key_format(key, name))
         groups.setdefault(name, {})[kind] = t
     if unmatched:
         te = [k for k in unmatched if re.match(r"^(lora_te\d?_|text_encoder|te\d?\.)", k)]
@@ -267,7 +279,24 @@ def parse_lora(source: LoraSource, model: nn.Module, metadata: Mapping[str, str]
             "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight (kohya) or "
             "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight (official)"
         )
-    peft = _peft_scales(meta)
+    return groups, fmt
+
+
+def _pair_scale(g: Mapping[str, Tensor], name: str, rank: int, peft: Any) -> float:
+    if "alpha" in g:
+        return float(g["alpha"].float().reshape(-1)[0]) / rank
+    if peft is None:
+        return 1.0
+    base_r, base_alpha, rank_pat, alpha_pat, rslora = peft
+    rr = _pattern(rank_pat, name) or base_r
+    alpha = _pattern(alpha_pat, name) or base_alpha
+    return alpha / math.sqrt(rr) if rslora else alpha / rr
+
+
+def _scaled_pairs(groups: Mapping[str, Mapping[str, Tensor]], table: Mapping[str, Target],
+                  layers: Mapping[str, tuple[int, int]], peft: Any, where: str
+                  ) -> dict[str, list[tuple[Tensor, Tensor, Target]]]:
+    """(A, scaled B, target) per official module, after checking each pair fits its layer."""
     problems: list[str] = []
     parts: dict[str, list[tuple[Tensor, Tensor, Target]]] = {}
     for name, g in sorted(groups.items()):
@@ -283,16 +312,7 @@ def parse_lora(source: LoraSource, model: nn.Module, metadata: Mapping[str, str]
         if a.shape[1] != inp or b.shape[0] != rows:
             problems.append(f"{name}: delta {b.shape[0]}x{a.shape[1]} vs layer {rows}x{inp}")
             continue
-        r = a.shape[0]
-        if "alpha" in g:
-            scale = float(g["alpha"].float().reshape(-1)[0]) / r
-        elif peft is not None:
-            base_r, base_alpha, rank_pat, alpha_pat, rslora = peft
-            rr = _pattern(rank_pat, name) or base_r
-            alpha = _pattern(alpha_pat, name) or base_alpha
-            scale = alpha / math.sqrt(rr) if rslora else alpha / rr
-        else:
-            scale = 1.0
+        scale = _pair_scale(g, name, a.shape[0], peft)
         parts.setdefault(target.module, []).append((a.float(), b.float() * scale, target))
     if problems:
         raise ValueError(
@@ -301,6 +321,12 @@ def parse_lora(source: LoraSource, model: nn.Module, metadata: Mapping[str, str]
         )
     if not parts:
         raise ValueError(f"{where} holds no LoRA weights that apply to this transformer")
+    return parts
+
+
+def _assemble(parts: Mapping[str, list[tuple[Tensor, Tensor, Target]]], layers: Mapping[str, tuple[int, int]]
+              ) -> dict[str, LoraModule]:
+    """One LoraModule per fused layer: the A's stacked, B block-placed on each part's output rows."""
     modules = {}
     for module, ps in parts.items():
         out, _ = layers[module]
@@ -315,7 +341,7 @@ def parse_lora(source: LoraSource, model: nn.Module, metadata: Mapping[str, str]
             b_full[lo:hi, col : col + r] = b
             col += r
         modules[module] = LoraModule(a_cat, b_full, 1.0)
-    return LoraWeights(modules, "+".join(sorted(fmt)), where)
+    return modules
 
 
 # ---------------------------------------------------------------- writing
@@ -426,153 +452,6 @@ def save_lora(weights: LoraWeights, path: str | Path, model: nn.Module, fmt: str
     return path
 
 
-# ---------------------------------------------------------------- applying
-
-
-@dataclass
-class _Adapter:
-    name: str
-    modules: dict[str, tuple[Tensor, Tensor, float]]  # module -> (A, B, internal scale)
-    scale: float
-    source: str
-    fused: bool = False
-    fused_modules: list[str] = field(default_factory=list)
-
-
-class LoraHost:
-    """The adapters attached to one transformer, and the forward hooks that apply them."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.adapters: dict[str, _Adapter] = {}
-        self._hooks: dict[str, Any] = {}
-
-    # -- bookkeeping
-
-    def _refresh_hooks(self) -> None:
-        wanted = {m for ad in self.adapters.values() for m in ad.modules if m not in ad.fused_modules}
-        for m in list(self._hooks):
-            if m not in wanted:
-                self._hooks.pop(m).remove()
-        for m in wanted - set(self._hooks):
-            self._hooks[m] = self.model.get_submodule(m).register_forward_hook(self._make_hook(m))
-
-    def _make_hook(self, module: str):
-        def hook(_mod: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-            x = args[0]
-            for ad in self.adapters.values():
-                entry = ad.modules.get(module)
-                if entry is None or ad.scale == 0 or module in ad.fused_modules:
-                    continue
-                a, b, s = entry
-                output = output + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * (s * ad.scale)
-            return output
-
-        return hook
-
-    # -- public
-
-    def add(self, weights: LoraWeights | Mapping[str, tuple[Tensor, Tensor, float]], scale: float = 1.0,
-            name: str | None = None, source: str = "", device: torch.device | None = None,
-            dtype: torch.dtype | None = None) -> str:
-        """Attach an adapter (parsed weights, or live (A, B, scale) tensors such as a trainer's parameters)."""
-        if not math.isfinite(float(scale)):
-            raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
-        if isinstance(weights, LoraWeights):
-            entries = {m: (lm.A.to(device=device, dtype=dtype), lm.B.to(device=device, dtype=dtype), lm.scale)
-                       for m, lm in weights.modules.items()}
-            source = source or weights.source
-        else:
-            entries = dict(weights)
-        name = name or Path(source).stem or "lora"
-        base, i = name, 1
-        while name in self.adapters:
-            i += 1
-            name = f"{base}-{i}"
-        self.adapters[name] = _Adapter(name, entries, float(scale), source)
-        self._refresh_hooks()
-        return name
-
-    def _get(self, name: str) -> _Adapter:
-        if name not in self.adapters:
-            raise ValueError(f"no LoRA named {name!r} is loaded; loaded: {sorted(self.adapters) or 'none'}")
-        return self.adapters[name]
-
-    def set_scale(self, name: str, scale: float) -> None:
-        if not math.isfinite(float(scale)):
-            raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
-        ad = self._get(name)
-        was_fused = ad.fused
-        if was_fused:
-            self.unfuse([name])
-        ad.scale = float(scale)
-        if was_fused:
-            self.fuse([name])
-
-    def remove(self, name: str | None = None) -> None:
-        for n in [name] if name is not None else list(self.adapters):
-            ad = self._get(n)
-            if ad.fused:
-                self.unfuse([n])
-            del self.adapters[n]
-        self._refresh_hooks()
-
-    @torch.no_grad()
-    def fuse(self, names: Iterable[str] | None = None) -> list[str]:
-        """Merge adapters into the weights of plain linear layers; returns the layers that stay hooked (quantized)."""
-        kept: list[str] = []
-        for n in list(names) if names is not None else list(self.adapters):
-            ad = self._get(n)
-            if ad.fused:
-                continue
-            for m, (a, b, s) in ad.modules.items():
-                layer = self.model.get_submodule(m)
-                if not isinstance(layer, nn.Linear):
-                    kept.append(m)
-                    continue
-                w = layer.weight
-                delta = (b.to(w.device, torch.float32) @ a.to(w.device, torch.float32)) * (s * ad.scale)
-                w.copy_((w.float() + delta).to(w.dtype))
-                ad.fused_modules.append(m)
-            ad.fused = True
-        self._refresh_hooks()
-        if kept:
-            log.info("LoRA on %d quantized layers stays unfused (applied at run time)", len(set(kept)))
-        return sorted(set(kept))
-
-    @torch.no_grad()
-    def unfuse(self, names: Iterable[str] | None = None) -> None:
-        """Take fused adapters back out of the weights (exact up to the rounding of the weight dtype)."""
-        for n in list(names) if names is not None else list(self.adapters):
-            ad = self._get(n)
-            if not ad.fused:
-                continue
-            for m in ad.fused_modules:
-                a, b, s = ad.modules[m]
-                w = self.model.get_submodule(m).weight
-                delta = (b.to(w.device, torch.float32) @ a.to(w.device, torch.float32)) * (s * ad.scale)
-                w.copy_((w.float() - delta).to(w.dtype))
-            ad.fused, ad.fused_modules = False, []
-        self._refresh_hooks()
-
-    def info(self) -> list[dict[str, Any]]:
-        out = []
-        for ad in self.adapters.values():
-            ranks = sorted({a.shape[0] for a, _, _ in ad.modules.values()})
-            out.append({"name": ad.name, "source": ad.source, "scale": ad.scale, "fused": ad.fused,
-                        "layers": len(ad.modules), "ranks": ranks})
-        return out
-
-
-def host(model: nn.Module) -> LoraHost:
-    """The LoraHost of a transformer (created on first use)."""
-    h = getattr(model, "_kleinbild_lora", None)
-    if h is None:
-        h = LoraHost(model)
-        model._kleinbild_lora = h  # a plain attribute: not a submodule, so it never enters the state dict
-    return h
-
-
 def parse_spec(spec: str) -> tuple[str, float]:
     """`FILE[:SCALE]` -> (FILE, SCALE); the suffix counts as a scale only if it is a number (so C:\\x works)."""
     path, sep, tail = str(spec).rpartition(":")
@@ -588,11 +467,9 @@ def parse_spec(spec: str) -> tuple[str, float]:
 
 
 __all__ = [
-    "LoraHost",
     "LoraModule",
     "LoraWeights",
     "Target",
-    "host",
     "linear_layers",
     "name_table",
     "parse_lora",

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import secrets
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,12 +14,24 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from kleinbild import lora, offload, sampling
+from kleinbild import lora, lora_host, offload, sampling
 from kleinbild.autoencoder import AutoEncoder
+from kleinbild.cache import ContentCache, content_key
 from kleinbild.config import ModelPreset
-from kleinbild.images import MAX_PIXELS, MIN_SIDE, InputError, open_image, prepare_reference, to_pil, to_tensor
-from kleinbild.loading import ModelFiles, ae_state, dit_state, load_into, locate, text_state
-from kleinbild.quant import prepare_quantized
+from kleinbild.images import MAX_PIXELS, InputError, to_pil, to_tensor
+from kleinbild.loading import (
+    LoadOptions,
+    ModelFiles,
+    ae_state,
+    dit_state,
+    load_into,
+    locate,
+    pick_device,
+    pick_dtype,
+    text_state,
+)
+from kleinbild.quant_file import prepare_quantized
+from kleinbild.request import ImageInput, Request, validate
 from kleinbild.text_encoder import Qwen3TextEncoder, text_encoder_wanted_keys
 from kleinbild.tokenizer import PromptTokenizer
 from kleinbild.transformer import Flux2Transformer, KVCache
@@ -32,48 +40,6 @@ log = logging.getLogger(__name__)
 
 # step (1-based, steps done), total steps, current latent (B, C, h, w) in float32
 ProgressCallback = Callable[[int, int, Tensor], None]
-ImageInput = Image.Image | str | Path
-
-_DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    if device is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' was asked for but PyTorch sees no CUDA GPU here; use --device cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError("device 'mps' was asked for but it is not available here; use --device cpu")
-    return dev
-
-
-def pick_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
-    """bfloat16 unless asked otherwise: fast on GPUs and on CPUs with AVX-512 bf16, and what the weights ship in."""
-    if dtype is None:
-        return torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise InputError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32") from None
 
 
 @dataclass
@@ -81,103 +47,23 @@ class GenerationResult:
     images: list[Image.Image]
     settings: dict[str, Any] = field(default_factory=dict)
 
+    def image_settings(self, index: int) -> dict[str, Any]:
+        """Everything that makes image `index` again on its own: its own seed, n = 1, the references used (sizes and
+        content digests), the model, dtype, quantization and LoRAs. What kleinbild writes into each PNG."""
+        s = self.settings
+        seeds = s.get("seeds") or []
+        keep = ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "model", "source", "dtype",
+                "quant", "loras")
+        out = {k: s.get(k) for k in keep}
+        out["seed"] = seeds[index] if index < len(seeds) else None
+        out["num_images"] = 1
+        out["references"] = [{"size": size, "digest": digest} for size, digest in
+                             zip(s.get("references", []), s.get("reference_digests", []), strict=True)]
+        return out
+
 
 class GenerationCancelled(Exception):
     """Raise it from a progress callback to stop a generation after the current step; it leaves generate()."""
-
-
-def content_key(*parts: bytes) -> str:
-    h = hashlib.blake2b(digest_size=20)
-    for part in parts:
-        # Length-prefixed, so ("ab", "c") and ("a", "bc") cannot collide.
-        h.update(len(part).to_bytes(8, "little"))
-        h.update(part)
-    return h.hexdigest()
-
-
-class ContentCache:
-    """A bounded LRU of tensors keyed by a digest of their inputs, counting hits, misses and the time hits saved.
-
-    Each entry remembers what computing it cost, so `saved_seconds` is the encoder time that hits skipped.
-    `max_entries=0` disables it. Safe to read from other threads while one thread uses it.
-    """
-
-    def __init__(self, max_entries: int):
-        self.max_entries = max(0, int(max_entries))
-        self.hits = 0
-        self.misses = 0
-        self.saved_seconds = 0.0
-        self._items: OrderedDict[str, tuple[Tensor, float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> tuple[Tensor, float] | None:
-        """The cached value and the seconds this hit saved, or None (a miss)."""
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            self.saved_seconds += item[1]
-            return item
-
-    def put(self, key: str, value: Tensor, cost_seconds: float) -> None:
-        if self.max_entries == 0:
-            return
-        with self._lock:
-            self._items[key] = (value, cost_seconds)
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_entries:
-                self._items.popitem(last=False)
-
-    def resize(self, max_entries: int) -> None:
-        with self._lock:
-            self.max_entries = max(0, int(max_entries))
-            while len(self._items) > self.max_entries:
-                self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def stats(self) -> dict[str, Any]:
-        with self._lock:
-            return {
-                "entries": len(self._items),
-                "max_entries": self.max_entries,
-                "hits": self.hits,
-                "misses": self.misses,
-                "saved_seconds": round(self.saved_seconds, 4),
-            }
-
-
-@dataclass
-class _Plan:
-    """One validated request, ready to sample: what generate() decided before any model runs."""
-
-    prompt: str
-    negative_prompt: str | None
-    refs: list[Image.Image]
-    width: int
-    height: int
-    steps: int
-    guidance: float | None
-    seed: int | None
-    noise: Tensor
-    notes: list[str]
-    callback: ProgressCallback | None = None
-
-    @property
-    def n(self) -> int:
-        return self.noise.shape[0]
-
-    def group_key(self) -> tuple:
-        """Plans with equal keys can share every forward pass."""
-        return (self.width, self.height, self.steps, self.guidance, tuple(r.size for r in self.refs))
 
 
 class KleinPipeline:
@@ -228,42 +114,29 @@ class KleinPipeline:
     # ------------------------------------------------------------ loading
 
     @classmethod
-    def from_pretrained(
-        cls,
-        model: str | Path,
-        *,
-        vae: str | Path | None = None,
-        text_encoder: str | Path | None = None,
-        preset: str | None = None,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-        text_layers: tuple[int, ...] | None = None,
-        max_text_length: int | None = None,
-        quant: str | None = None,
-        loras: Sequence[str | tuple[str | Path, float]] | None = None,
-        fuse_loras: bool = False,
-        offload_mode: str = "none",
-        compile: bool = False,
-    ) -> KleinPipeline:
+    def from_pretrained(cls, model: str | Path, options: LoadOptions | None = None, **changes: Any) -> KleinPipeline:
         """Load from a diffusers folder, an official single file (+ `vae` and `text_encoder`), a preset or a repo id.
 
-        `preset` picks the sampling behaviour for a single file whose name is not an official one.
-        `text_layers`/`max_text_length` override the tapped Qwen3 layers and the prompt length (for research
-        and for tiny test models). `quant` ("fp8", "nvfp4", "int8") quantizes the transformer's block linears while
-        loading (quantized files load as they are without it). `loras`: files or `FILE:SCALE` strings or
-        (file, scale) pairs, attached in order; `fuse_loras` merges them into the weights. `offload_mode`: "none",
-        "model" or "sequential" (see kleinbild.offload): lower peak memory for a little re-reading. `compile`: see
-        `compile()`.
+        `options` (a `LoadOptions`) or keyword arguments of the same names, which win over `options`:
+        `vae`, `text_encoder`: the parts of a single-file model. `preset` picks the sampling behaviour for a single
+        file whose name is not an official one. `device`, `dtype` (default: the best device, bfloat16).
+        `quant` ("fp8", "nvfp4", "int8") quantizes the transformer's block linears while loading (quantized files
+        load as they are without it). `loras`: files or `FILE:SCALE` strings or (file, scale) pairs, attached in
+        order; `fuse_loras` merges them into the weights. `offload_mode`: "none", "model" or "sequential" (see
+        kleinbild.offload): lower peak memory for a little re-reading. `compile`: see `compile()`.
+        `text_layers`/`max_text_length` override the tapped Qwen3 layers and the prompt length (for research and
+        for tiny test models).
         """
-        files = locate(model, vae, text_encoder, preset, text_layers, max_text_length)
-        pipe = cls.from_files(files, device=device, dtype=dtype, source=str(model), quant=quant,
-                              offload_mode=offload_mode)
-        for spec in loras or ():
+        o = (options or LoadOptions()).with_changes(**changes)
+        files = locate(model, o.vae, o.text_encoder, o.preset, o.text_layers, o.max_text_length)
+        pipe = cls.from_files(files, device=o.device, dtype=o.dtype, source=str(model), quant=o.quant,
+                              offload_mode=o.offload_mode)
+        for spec in o.loras:
             path, scale = lora.parse_spec(spec) if isinstance(spec, (str, Path)) else spec
             pipe.load_lora(path, scale)
-        if fuse_loras and loras:
+        if o.fuse_loras and o.loras:
             pipe.fuse_loras()
-        if compile:
+        if o.compile:
             pipe.compile()
         return pipe
 
@@ -380,24 +253,24 @@ class KleinPipeline:
         lists the ones that do not. `fuse` merges it into the weights (faster; `unfuse_loras` takes it out again).
         """
         weights = lora.parse_lora(source, self.transformer)
-        host = lora.host(self.transformer)
+        host = lora_host.host(self.transformer)
         added = host.add(weights, scale, name=name, device=self.device, dtype=self.dtype)
         if fuse:
             host.fuse([added])
         return added
 
     def set_lora_scale(self, name: str, scale: float) -> None:
-        lora.host(self.transformer).set_scale(name, scale)
+        lora_host.host(self.transformer).set_scale(name, scale)
 
     def unload_lora(self, name: str | None = None) -> None:
         """Detach one LoRA by name, or all of them."""
-        lora.host(self.transformer).remove(name)
+        lora_host.host(self.transformer).remove(name)
 
     def fuse_loras(self, names: Sequence[str] | None = None) -> None:
-        lora.host(self.transformer).fuse(names)
+        lora_host.host(self.transformer).fuse(names)
 
     def unfuse_loras(self, names: Sequence[str] | None = None) -> None:
-        lora.host(self.transformer).unfuse(names)
+        lora_host.host(self.transformer).unfuse(names)
 
     @property
     def loras(self) -> list[dict[str, Any]]:
@@ -432,11 +305,6 @@ class KleinPipeline:
         with self._stage("autoencoder"):
             decode = self._compiled.get("decode", self.autoencoder.decode)
             return to_pil(decode(latent.to(self.device, self.dtype)))
-
-    def prepare_references(self, images: Sequence[ImageInput]) -> list[Image.Image]:
-        pil = [open_image(im) if isinstance(im, (str, Path)) else im for im in images]
-        cap = self.preset.max_ref_pixels_single if len(pil) == 1 else self.preset.max_ref_pixels_multi
-        return [prepare_reference(im, cap, self.preset.ae.downscale, i) for i, im in enumerate(pil)]
 
     # ------------------------------------------------------------ caches
 
@@ -485,11 +353,10 @@ class KleinPipeline:
                 self.prompt_cache.put(k, rows[k], cost)
         return [rows[k] for k in keys]
 
-    def _cached_references(self, refs: Sequence[Image.Image], stats: dict[str, Any]) -> list[Tensor]:
+    def _cached_references(self, req: Request, stats: dict[str, Any]) -> list[Tensor]:
         """(1, C, h, w) latent per prepared reference, from the cache when the same pixels were encoded before."""
         out = []
-        for im in refs:
-            k = content_key(b"reference", im.mode.encode(), f"{im.size}".encode(), im.tobytes())
+        for im, k in zip(req.references, req.reference_digests, strict=True):
             got = self.reference_cache.get(k)
             if got is None:
                 t0 = time.perf_counter()
@@ -505,28 +372,25 @@ class KleinPipeline:
 
     # ------------------------------------------------------------ generate
 
-    def _size(
-        self, width: int | None, height: int | None, refs: list[Image.Image], notes: list[str]
-    ) -> tuple[int, int]:
-        m = self.preset.ae.downscale
-        if width is None or height is None:
-            default = refs[0].size if refs else (self.preset.default_size, self.preset.default_size)
-            width = default[0] if width is None else width
-            height = default[1] if height is None else height
-        for name, v in (("width", width), ("height", height)):
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise InputError(f"{name} must be an integer number of pixels, got {v!r}")
-        w, h = (width // m) * m, (height // m) * m
-        if (w, h) != (width, height):
-            notes.append(f"size {width}x{height} rounded down to {w}x{h} (a multiple of {m})")
-        if w < MIN_SIDE or h < MIN_SIDE:
-            raise InputError(f"size {width}x{height} is too small; both sides must be at least {MIN_SIDE} px")
-        if w * h > MAX_PIXELS:
-            raise InputError(
-                f"size {w}x{h} is {w * h / 1e6:.1f} megapixels; at most {MAX_PIXELS / 2**20:.0f} MP "
-                "(e.g. 2048x2048) is supported"
-            )
-        return w, h
+    def request(
+        self,
+        prompt: str,
+        images: Sequence[ImageInput] | ImageInput | None = None,
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        negative_prompt: str | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        noise: Tensor | None = None,
+        max_pixels: int = MAX_PIXELS,
+    ) -> Request:
+        """Validate a request for this model (see `kleinbild.request.validate`); nothing runs yet."""
+        return validate(self.preset, prompt, images, width=width, height=height, steps=steps, guidance=guidance,
+                        negative_prompt=negative_prompt, seed=seed, num_images=num_images, noise=noise,
+                        max_pixels=max_pixels)
 
     def generate(
         self,
@@ -545,212 +409,146 @@ class KleinPipeline:
     ) -> GenerationResult:
         """Text-to-image (no image), edit (one) or multi-reference generation (several).
 
-        Returns the images and the settings used (seed, size, steps, guidance, ...), so any result can be
-        reproduced. `noise` (n, C, H/16, W/16) replaces the seeded initial noise. A callback that raises
-        `GenerationCancelled` stops the run after that step; the exception propagates.
+        Returns the images and the settings used (seed, size, steps, guidance, ...); image i has seed + i, so any
+        one of them can be made again alone (`result.image_settings(i)`). `noise` (n, C, H/16, W/16) replaces the
+        seeded initial noise. A callback that raises `GenerationCancelled` stops the run after that step; the
+        exception propagates.
         """
-        plan = self._plan(
-            prompt,
-            images,
-            width=width,
-            height=height,
-            steps=steps,
-            guidance=guidance,
-            negative_prompt=negative_prompt,
-            seed=seed,
-            num_images=num_images,
-            noise=noise,
-        )
-        return self._run_group([plan], callback)[0]
+        req = self.request(prompt, images, width=width, height=height, steps=steps, guidance=guidance,
+                           negative_prompt=negative_prompt, seed=seed, num_images=num_images, noise=noise)
+        return self.run([req], callback)[0]
 
     def generate_batch(
-        self, requests: Sequence[Mapping[str, Any]], callback: ProgressCallback | None = None
+        self, requests: Sequence[Request | Mapping[str, Any]], callback: ProgressCallback | None = None,
+        *, callbacks: Sequence[ProgressCallback | None] | None = None,
     ) -> list[GenerationResult]:
-        """Several generate() requests in as few batched forward passes as their shapes allow.
+        """Several requests in as few batched forward passes as their shapes allow.
 
-        Each request is a mapping of generate()'s arguments (`prompt` and `images` included); its own
-        `callback` gets that request's rows of the latent. Requests that agree on size, steps, guidance and
-        reference sizes run as one batch (prompts, negative prompts, references and seeds may differ); the
-        others run as further batches, in order of first appearance. `callback` sees each batch's whole latent
-        and may raise `GenerationCancelled` to stop. Every request is validated before anything runs, so one
-        bad request raises `InputError` and nothing is computed. Results come back in request order; each one's
-        settings say how many images shared its forward (`batch_size`).
+        Each request is a `Request` or a mapping of generate()'s arguments (`prompt` and `images` included; a
+        mapping's own `callback` gets that request's rows of the latent, as does `callbacks[i]`). Requests with
+        equal `batch_key()` run as one batch; the others as further batches, in order of first appearance.
+        `callback` sees each batch's whole latent and may raise `GenerationCancelled` to stop. Every request is
+        validated before anything runs, so one bad request raises `InputError` and nothing is computed. Results
+        come back in request order; each one's settings say how many images shared its forward (`batch_size`).
         """
-        plans: list[_Plan] = []
-        for i, req in enumerate(requests):
-            if not isinstance(req, Mapping):
-                raise InputError(f"request {i} is a {type(req).__name__}; pass a dict of generate() arguments")
-            args = dict(req)
+        reqs: list[Request] = []
+        own = list(callbacks) if callbacks is not None else [None] * len(requests)
+        if len(own) != len(requests):
+            raise InputError(f"{len(own)} callbacks for {len(requests)} requests; pass one per request or none")
+        for i, item in enumerate(requests):
+            if isinstance(item, Request):
+                reqs.append(item)
+                continue
+            if not isinstance(item, Mapping):
+                raise InputError(f"request {i} is a {type(item).__name__}; pass a Request or a dict of generate() "
+                                 "arguments")
+            args = dict(item)
             if "prompt" not in args:
-                raise InputError(f"request {i} has no prompt")
-            cb = args.pop("callback", None)
+                raise InputError(f"request {i} has no prompt", "prompt")
+            own[i] = args.pop("callback", None) or own[i]
             try:
-                plan = self._plan(args.pop("prompt"), args.pop("images", None), **args)
+                reqs.append(self.request(args.pop("prompt"), args.pop("images", None), **args))
             except TypeError as e:
                 raise InputError(f"request {i}: {e}") from None
-            plan.callback = cb
-            plans.append(plan)
+        return self.run(reqs, callback, own)
+
+    def run(self, requests: Sequence[Request], callback: ProgressCallback | None = None,
+            callbacks: Sequence[ProgressCallback | None] | None = None) -> list[GenerationResult]:
+        """Run validated requests, batching those that share a `batch_key()`; results in request order."""
+        own = list(callbacks) if callbacks is not None else [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
-        for i, plan in enumerate(plans):
-            groups.setdefault(plan.group_key(), []).append(i)
-        results: list[GenerationResult | None] = [None] * len(plans)
+        for i, req in enumerate(requests):
+            groups.setdefault(req.batch_key(), []).append(i)
+        results: list[GenerationResult | None] = [None] * len(requests)
         for idx in groups.values():
-            for i, res in zip(idx, self._run_group([plans[i] for i in idx], callback), strict=True):
+            batch = [(requests[i], own[i]) for i in idx]
+            for i, res in zip(idx, self._run_group(batch, callback), strict=True):
                 results[i] = res
         return results  # type: ignore[return-value]
 
-    def _plan(
-        self,
-        prompt: str,
-        images: Sequence[ImageInput] | ImageInput | None = None,
-        *,
-        width: int | None = None,
-        height: int | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        negative_prompt: str | None = None,
-        seed: int | None = None,
-        num_images: int = 1,
-        noise: Tensor | None = None,
-    ) -> _Plan:
-        p = self.preset
-        notes: list[str] = []
-        if not isinstance(prompt, str):
-            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
-        if not isinstance(num_images, int) or num_images < 1:
-            raise InputError(f"num_images must be a positive integer, got {num_images!r}")
-        steps = p.default_steps if steps is None else steps
-        if not isinstance(steps, int) or steps < 1:
-            raise InputError(f"steps must be a positive integer, got {steps!r}")
-        if p.uses_cfg:
-            guidance = p.default_guidance if guidance is None else float(guidance)
-            negative_prompt = "" if negative_prompt is None else negative_prompt
-            if not isinstance(negative_prompt, str):
-                raise InputError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
-        else:
-            if guidance is not None:
-                msg = f"guidance {guidance} ignored: {p.name} is guidance-distilled"
-                log.warning(msg)
-                notes.append(msg)
-            if negative_prompt:
-                msg = f"negative prompt ignored: {p.name} runs without CFG"
-                log.warning(msg)
-                notes.append(msg)
-            guidance, negative_prompt = None, None
-
-        if images is None:
-            images = []
-        elif isinstance(images, (Image.Image, str, Path)):
-            images = [images]
-        refs = self.prepare_references(list(images))
-        w, h = self._size(width, height, refs, notes)
-        m = p.ae.downscale
-        th, tw = h // m, w // m
-        if noise is None:
-            if seed is None:
-                seed = secrets.randbelow(2**32)
-            if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-                raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-            noise = sampling.make_noise(num_images, p.ae.latent_channels, th, tw, seed)
-        else:
-            expect = (num_images, p.ae.latent_channels, th, tw)
-            if tuple(noise.shape) != expect:
-                raise InputError(f"noise has shape {tuple(noise.shape)}; for this request it must be {expect}")
-            seed = None
-        return _Plan(prompt, negative_prompt, refs, w, h, steps, guidance, seed, noise, notes)
-
-    def _run_group(self, plans: list[_Plan], callback: ProgressCallback | None) -> list[GenerationResult]:
-        """Sample and decode plans that share a group key, all in one batch."""
-        p = self.preset
+    def _run_group(self, batch: list[tuple[Request, ProgressCallback | None]], callback: ProgressCallback | None
+                   ) -> list[GenerationResult]:
+        """Sample and decode requests that share a batch key, all in one batch."""
         t_start = time.perf_counter()
-        stats: list[dict[str, Any]] = [{} for _ in plans]
+        stats: list[dict[str, Any]] = [{} for _ in batch]
         timings: dict[str, float] = {}
-        latent = self._sample_group(plans, stats, timings, callback)
+        latent = self._sample_group(batch, stats, timings, callback)
         t0 = time.perf_counter()
         out = self.decode(latent)
         timings["decode"] = time.perf_counter() - t0
-        seconds = round(time.perf_counter() - t_start, 3)
-        rows = sum(pl.n for pl in plans)
+        common = {
+            "model": self.preset.name, "source": self.source, "dtype": str(self.dtype).removeprefix("torch."),
+            "quant": self.quant, "compiled": self.compiled, "device": str(self.device),
+            "loras": [{"name": x["name"], "source": x["source"], "scale": x["scale"]} for x in self.loras],
+            "seconds": round(time.perf_counter() - t_start, 3),
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+            "batch_size": sum(req.num_images for req, _ in batch),
+        }
         results, at = [], 0
-        for pl, st in zip(plans, stats, strict=True):
+        for (req, _), st in zip(batch, stats, strict=True):
             st["saved_seconds"] = round(st.get("saved_seconds", 0.0), 4)
-            settings = {
-                "model": p.name,
-                "source": self.source,
-                "prompt": pl.prompt,
-                "negative_prompt": pl.negative_prompt,
-                "seed": pl.seed,
-                "steps": pl.steps,
-                "guidance": pl.guidance,
-                "width": pl.width,
-                "height": pl.height,
-                "num_images": pl.n,
-                "references": [list(r.size) for r in pl.refs],
-                "dtype": str(self.dtype).removeprefix("torch."),
-                "quant": self.quant,
-                "compiled": self.compiled,
-                "loras": [{"name": x["name"], "scale": x["scale"]} for x in self.loras],
-                "device": str(self.device),
-                "seconds": seconds,
-                "timings": {k: round(v, 4) for k, v in timings.items()},
-                "batch_size": rows,
-                "cache": st,
-                "notes": pl.notes,
-            }
-            results.append(GenerationResult(out[at : at + pl.n], settings))
-            at += pl.n
+            results.append(GenerationResult(out[at : at + req.num_images], {**req.settings(), **common, "cache": st}))
+            at += req.num_images
         return results
+
+    def _text_batch(self, reqs: list[Request], stats: list[dict[str, Any]], cfg: bool) -> Tensor:
+        """Prompt embeddings, one row per image: [uncond x N, cond x N] with CFG (the layout cfg_combine splits)."""
+        counts = [r.num_images for r in reqs]
+        if cfg:
+            prompts = [x for r in reqs for x in (r.negative_prompt or "", r.prompt)]
+            per = [st for st in stats for _ in range(2)]
+        else:
+            prompts, per = [r.prompt for r in reqs], stats
+        emb = self._cached_prompts(prompts, per)
+
+        def rows(embs: list[Tensor]) -> Tensor:
+            return torch.cat([e.expand(n, -1, -1) for e, n in zip(embs, counts, strict=True)])
+
+        return torch.cat([rows(emb[0::2]), rows(emb[1::2])]) if cfg else rows(emb)
+
+    def _reference_batch(self, reqs: list[Request], stats: list[dict[str, Any]], rows: int, cfg: bool
+                         ) -> tuple[Tensor | None, Tensor | None]:
+        """Reference tokens for every row of the batch and their position ids (None, None without references)."""
+        if not reqs[0].references:
+            return None, None
+        per_req, lat = [], []
+        for r, st in zip(reqs, stats, strict=True):
+            lat = self._cached_references(r, st)
+            per_req.append(torch.cat([sampling.pack(z) for z in lat], dim=1))
+        if len(reqs) == 1:
+            ref_tok = per_req[0].expand(rows, -1, -1)
+        else:
+            ref_tok = torch.cat([t.expand(r.num_images, -1, -1) for t, r in zip(per_req, reqs, strict=True)])
+            if cfg:
+                ref_tok = torch.cat([ref_tok, ref_tok])
+        ids = sampling.reference_ids([tuple(z.shape[-2:]) for z in lat], self.preset.ref_time_offset)
+        return ref_tok, ids.to(self.device)
 
     @torch.inference_mode()
     def _sample_group(
         self,
-        plans: list[_Plan],
+        batch: list[tuple[Request, ProgressCallback | None]],
         stats: list[dict[str, Any]],
         timings: dict[str, float],
         callback: ProgressCallback | None,
     ) -> Tensor:
         p, dev, dt = self.preset, self.device, self.dtype
-        first = plans[0]
+        reqs = [r for r, _ in batch]
+        first = reqs[0]
         th, tw = first.height // p.ae.downscale, first.width // p.ae.downscale
-        guidance, steps = first.guidance, first.steps
+        guidance = first.guidance
         cfg = guidance is not None
-        counts = [pl.n for pl in plans]
 
         t0 = time.perf_counter()
-        if cfg:
-            prompts = [x for pl in plans for x in (pl.negative_prompt or "", pl.prompt)]
-            per = [st for st in stats for _ in range(2)]
-        else:
-            prompts, per = [pl.prompt for pl in plans], stats
-        emb = self._cached_prompts(prompts, per)
-        if cfg:
-            uncond = torch.cat([e.expand(n, -1, -1) for e, n in zip(emb[0::2], counts, strict=True)])
-            cond = torch.cat([e.expand(n, -1, -1) for e, n in zip(emb[1::2], counts, strict=True)])
-            # [uncond x N, cond x N], the layout cfg_combine splits.
-            txt = torch.cat([uncond, cond])
-        else:
-            txt = torch.cat([e.expand(n, -1, -1) for e, n in zip(emb, counts, strict=True)])
+        txt = self._text_batch(reqs, stats, cfg)
         timings["text"] = time.perf_counter() - t0
-
         txt_ids = sampling.text_ids(txt.shape[1]).to(dev)
         img_ids = sampling.image_ids(th, tw).to(dev)
-        ref_tok = ref_ids = None
         t0 = time.perf_counter()
-        if first.refs:
-            per_plan = []
-            for pl, st in zip(plans, stats, strict=True):
-                lat = self._cached_references(pl.refs, st)
-                per_plan.append(torch.cat([sampling.pack(z) for z in lat], dim=1))
-            if len(plans) == 1:
-                ref_tok = per_plan[0].expand(txt.shape[0], -1, -1)
-            else:
-                ref_tok = torch.cat([r.expand(n, -1, -1) for r, n in zip(per_plan, counts, strict=True)])
-                if cfg:
-                    ref_tok = torch.cat([ref_tok, ref_tok])
-            ref_ids = sampling.reference_ids([tuple(z.shape[-2:]) for z in lat], p.ref_time_offset).to(dev)
+        ref_tok, ref_ids = self._reference_batch(reqs, stats, txt.shape[0], cfg)
         timings["references"] = time.perf_counter() - t0
 
-        timesteps = sampling.schedule(steps, th * tw, p.schedule_shift)
+        timesteps = sampling.schedule(first.steps, th * tw, p.schedule_shift)
         kv: list[KVCache] = []
         model = self._compiled.get("transformer", self.transformer)
 
@@ -758,12 +556,11 @@ class KleinPipeline:
             xin = sampling.pack(x).to(dt)
             if cfg:
                 xin, t = torch.cat([xin, xin]), torch.cat([t, t])
-            if p.kv_cache_refs and ref_tok is not None:
-                if i == 0:
-                    v, cache = model(xin, img_ids, txt, txt_ids, t, ref=ref_tok, ref_ids=ref_ids, extract_kv=True)
-                    kv.append(cache)
-                else:
-                    v = model(xin, img_ids, txt, txt_ids, t, kv_cache=kv[0])
+            if p.kv_cache_refs and ref_tok is not None and i == 0:
+                v, cache = self.transformer.extract_kv(xin, img_ids, txt, txt_ids, t, ref_tok, ref_ids)
+                kv.append(cache)
+            elif p.kv_cache_refs and ref_tok is not None:
+                v = model(xin, img_ids, txt, txt_ids, t, kv_cache=kv[0])
             else:
                 v = model(xin, img_ids, txt, txt_ids, t, ref=ref_tok, ref_ids=ref_ids)
             if cfg:
@@ -772,15 +569,15 @@ class KleinPipeline:
 
         def on_step(i: int, total: int, x: Tensor) -> None:
             at = 0
-            for pl in plans:
-                if pl.callback is not None:
-                    pl.callback(i + 1, total, x[at : at + pl.n])
-                at += pl.n
+            for req, own in batch:
+                if own is not None:
+                    own(i + 1, total, x[at : at + req.num_images])
+                at += req.num_images
             if callback is not None:
                 callback(i + 1, total, x)
 
         t0 = time.perf_counter()
-        noise = torch.cat([pl.noise for pl in plans]) if len(plans) > 1 else first.noise
+        noise = torch.cat([r.initial_noise(p.ae.latent_channels, p.ae.downscale) for r in reqs])
         try:
             with self._stage("transformer"):
                 return sampling.euler(noise.to(dev), timesteps, velocity, on_step)

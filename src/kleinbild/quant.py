@@ -24,22 +24,20 @@ it disagrees.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kleinbild.loading import release_file_pages
+from kleinbild.files import release_file_pages
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +45,6 @@ FORMATS: tuple[str, ...] = ("fp8", "nvfp4", "int8")
 FP8_MAX = 448.0
 FP4_MAX = 6.0
 BLOCK = 16  # NVFP4 weights per block scale
-# The format names the per-layer `comfy_quant` marker uses.
-_MARKER = {"fp8": "float8_e4m3fn", "nvfp4": "nvfp4", "int8": "int8_rowwise"}
-_FROM_MARKER = {v: k for k, v in _MARKER.items()}
-_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "comfy_quant", "scale_weight", "scale_input")
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Midpoints between neighbouring E2M1 magnitudes; a value on one rounds to the even code (round half to even).
@@ -462,26 +455,6 @@ def install(model: nn.Module, layers: Mapping[str, QuantWeight], device: torch.d
         _set_module(model, name, QuantLinear(qw.to(device)))
 
 
-def prepare_quantized(model: nn.Module, state: dict[str, Tensor], quant: str | None,
-                      device: torch.device | str) -> str | None:
-    """Before strict loading: take the file's quantized layers (and, with `quant`, quantize the rest of the selected
-    layers) out of `state` and install them in the meta-built `model`. Returns the format in use, or None."""
-    layers = from_file_tensors(state)
-    in_file = sorted({qw.format for qw in layers.values()})
-    if quant is not None:
-        quant = check_format(quant)
-        if in_file and in_file != [quant]:
-            raise ValueError(
-                f"the transformer file is already quantized ({', '.join(in_file)}); load it without --quant, "
-                f"or quantize the bf16 original to {quant}"
-            )
-        layers.update(quantize_state(state, quant, device=device))
-    if not layers:
-        return None
-    install(model, layers, device)
-    return quant or "+".join(in_file)
-
-
 def quantize_model(model: nn.Module, fmt: str,
                    which: Callable[[str, tuple[int, ...]], bool] = default_quantizable) -> int:
     """Quantize a loaded model's selected linear layers in place; returns how many were quantized."""
@@ -536,203 +509,11 @@ def quant_summary(model: nn.Module) -> dict[str, int]:
     return out
 
 
-# ---------------------------------------------------------------- the file layout
-
-
-def strip_prefix(key: str) -> str:
-    for p in _PREFIXES:
-        if key.startswith(p):
-            return key[len(p):]
-    return key
-
-
-def _marker(fmt: str) -> Tensor:
-    return torch.tensor(list(json.dumps({"format": _MARKER[fmt]}).encode()), dtype=torch.uint8)
-
-
-def _read_marker(t: Tensor, name: str) -> str:
-    try:
-        conf = json.loads(bytes(t.to(torch.uint8).tolist()).decode("utf-8"))
-        marker = conf["format"]
-    except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{name}.comfy_quant is not a JSON object with a 'format'") from None
-    if marker not in _FROM_MARKER:
-        raise ValueError(
-            f"layer {name} uses quantization format {marker!r}; kleinbild reads {sorted(_FROM_MARKER)} "
-            "(fp8, nvfp4, int8 per row)"
-        )
-    return _FROM_MARKER[marker]
-
-
-def to_file_tensors(name: str, qw: QuantWeight) -> dict[str, Tensor]:
-    """The tensors one quantized layer is stored as (see the module docstring)."""
-    out = {f"{name}.comfy_quant": _marker(qw.format)}
-    if qw.format == "nvfp4":
-        assert qw.block_scale is not None
-        out[f"{name}.weight"] = swap_nibbles(qw.data)
-        out[f"{name}.weight_scale"] = swizzle_block_scales(qw.block_scale)
-        out[f"{name}.weight_scale_2"] = qw.scale.float().reshape(())
-    else:
-        out[f"{name}.weight"] = qw.data
-        out[f"{name}.weight_scale"] = qw.scale.float()
-    if qw.input_scale is not None:
-        out[f"{name}.input_scale"] = qw.input_scale.float()
-    return {k: v.contiguous().cpu() for k, v in out.items()}
-
-
-def _detect(name: str, state: Mapping[str, Tensor]) -> str | None:
-    """The format of layer `name` in a file without markers, from its tensors' dtypes."""
-    w = state.get(f"{name}.weight")
-    if w is None:
-        return None
-    has_scale = f"{name}.weight_scale" in state or f"{name}.scale_weight" in state
-    if w.dtype == torch.float8_e4m3fn and has_scale:
-        return "fp8"
-    if w.dtype == torch.uint8 and f"{name}.weight_scale_2" in state:
-        return "nvfp4"
-    if w.dtype == torch.int8 and has_scale:
-        return "int8"
-    return None
-
-
-def from_file_tensors(state: dict[str, Tensor]) -> dict[str, QuantWeight]:
-    """Pop every quantized layer's tensors out of an official-named state dict (prefixes already stripped) and
-    return them as QuantWeights by module name. Plain tensors stay in `state`."""
-    names = {k.rsplit(".", 1)[0] for k in state if k.endswith((".comfy_quant", ".weight_scale_2", ".weight_scale",
-                                                              ".scale_weight"))}
-    layers: dict[str, QuantWeight] = {}
-    for name in sorted(names):
-        fmt = _read_marker(state[f"{name}.comfy_quant"], name) if f"{name}.comfy_quant" in state else None
-        fmt = fmt or _detect(name, state)
-        if fmt is None:
-            continue
-        w = state.get(f"{name}.weight")
-        if w is None or w.ndim != 2:
-            raise ValueError(f"quantized layer {name} has no 2-D weight tensor")
-        scale = state.get(f"{name}.weight_scale", state.get(f"{name}.scale_weight"))
-        if scale is None:
-            raise ValueError(f"quantized layer {name} ({fmt}) has no weight_scale")
-        input_scale = state.get(f"{name}.input_scale", state.get(f"{name}.scale_input"))
-        if fmt == "fp8":
-            if w.dtype != torch.float8_e4m3fn:
-                raise ValueError(f"{name}.weight is {w.dtype}; an fp8 layer stores float8_e4m3fn")
-            n = w.shape[0]
-            s = scale.float()
-            if s.numel() == 1:
-                s = s.reshape(())
-            elif s.numel() == n:
-                s = s.reshape(n)
-            else:
-                raise ValueError(f"{name}.weight_scale has shape {tuple(scale.shape)}: expected one value or {n}")
-            qw = QuantWeight("fp8", tuple(w.shape), w, s)
-        elif fmt == "int8":
-            if w.dtype != torch.int8 or scale.numel() != w.shape[0]:
-                raise ValueError(f"{name}: an int8 layer stores an int8 weight and one fp32 scale per output row")
-            qw = QuantWeight("int8", tuple(w.shape), w, scale.float().reshape(-1))
-        else:
-            if w.dtype != torch.uint8:
-                raise ValueError(f"{name}.weight is {w.dtype}; an nvfp4 layer stores packed uint8")
-            n, k = w.shape[0], w.shape[1] * 2
-            scale2 = state.get(f"{name}.weight_scale_2")
-            if scale2 is None or scale2.numel() != 1:
-                raise ValueError(f"{name}: an nvfp4 layer needs a per-tensor weight_scale_2")
-            if scale.dtype != torch.float8_e4m3fn:
-                raise ValueError(f"{name}.weight_scale is {scale.dtype}; nvfp4 block scales are float8_e4m3fn")
-            rows, cols = n, k // BLOCK
-            if tuple(scale.shape) == (_roundup(rows, 128), _roundup(cols, 4)):
-                block = unswizzle_block_scales(scale, rows, cols)
-            elif tuple(scale.shape) == (rows, cols):
-                block = scale.contiguous()  # only reachable when the tiled shape differs: row-major scales
-            else:
-                raise ValueError(
-                    f"{name}.weight_scale has shape {tuple(scale.shape)}; for a {n}x{k} weight expected the tiled "
-                    f"{(_roundup(rows, 128), _roundup(cols, 4))} or row-major {(rows, cols)}"
-                )
-            qw = QuantWeight("nvfp4", (n, k), swap_nibbles(w), scale2.float().reshape(()), block)
-            state.pop(f"{name}.weight_scale_2", None)
-        qw.input_scale = None if input_scale is None else input_scale.float().reshape(())
-        for suffix in ("weight", *_SUFFIXES):
-            state.pop(f"{name}.{suffix}", None)
-        layers[name] = qw
-    return layers
-
-
-def logical_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of a (possibly quantized) official file as the unquantized model has them: scale and marker
-    tensors dropped, packed NVFP4 weights at their full width, ComfyUI prefixes stripped. Reads headers only."""
-    from safetensors import safe_open
-
-    raw: dict[str, tuple[tuple[int, ...], str]] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                sl = fh.get_slice(k)
-                raw[strip_prefix(k)] = (tuple(sl.get_shape()), sl.get_dtype())
-    out = {}
-    for k, (shape, dtype) in raw.items():
-        name, _, leaf = k.rpartition(".")
-        if leaf in _SUFFIXES:
-            continue
-        if leaf == "weight" and dtype == "U8" and f"{name}.weight_scale_2" in raw and len(shape) == 2:
-            shape = (shape[0], shape[1] * 2)
-        out[k] = shape
-    return out
-
-
-def save_quantized(
-    state: Mapping[str, Tensor],
-    path: Path | str,
-    fmt: str,
-    which: Callable[[str, tuple[int, ...]], bool] = default_quantizable,
-    dtype: torch.dtype | None = torch.bfloat16,
-    metadata: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """Write an official-named transformer state dict as a quantized single file (the layout above); the tensors that
-    are not quantized are stored in `dtype` (None: as they are). Returns a summary (layers, bytes)."""
-    from safetensors.torch import save_file
-
-    fmt = check_format(fmt)
-    plain = dict(state)
-    t0 = time.perf_counter()
-    layers = quantize_state(plain, fmt, which=which)
-    out: dict[str, Tensor] = {}
-    for name, qw in layers.items():
-        out.update(to_file_tensors(name, qw))
-    for k, v in plain.items():
-        keep = dtype is None or not v.is_floating_point() or v.dtype == torch.float8_e4m3fn
-        out[k] = (v if keep else v.to(dtype)).contiguous().cpu()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    meta = {"format": "pt", "kleinbild_quant": fmt, **(metadata or {})}
-    save_file(out, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return {"format": fmt, "layers": len(layers), "bytes": path.stat().st_size, "seconds": time.perf_counter() - t0}
-
-
-def load_quantized_file(path: Path | str) -> tuple[dict[str, Tensor], dict[str, QuantWeight]]:
-    """(plain tensors, quantized layers) of a single file, prefixes stripped."""
-    from safetensors.torch import load_file
-
-    state = {strip_prefix(k): v for k, v in load_file(str(path)).items()}
-    layers = from_file_tensors(state)
-    return state, layers
-
-
 # ---------------------------------------------------------------- measurements
 
 
 def relative_error(a: Tensor, b: Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
-def psnr(a: Any, b: Any) -> float:
-    """PSNR in dB of two uint8 images (PIL or arrays); inf when identical."""
-    import numpy as np
-
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = float(((x - y) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def matmul_report(n: int = 9216, k: int = 3072, m: int = 256, seed: int = 0, repeats: int = 3) -> dict[str, Any]:
@@ -771,134 +552,3 @@ def matmul_report(n: int = 9216, k: int = 3072, m: int = 256, seed: int = 0, rep
             res[fmt] = entry
     res["bf16"]["bytes"] = n * k * 2
     return res
-
-
-def read_transformer(model: str | Path) -> dict[str, Tensor]:
-    """The transformer of a model (a .safetensors file in official or diffusers naming, a diffusers folder, a preset
-    or a repo id) as an official-named state dict, without loading anything else."""
-    from safetensors.torch import load_file
-
-    from kleinbild.convert import dit_from_diffusers, is_diffusers_dit
-    from kleinbild.loading import dit_state, locate
-
-    p = Path(model).expanduser()
-    if p.is_file():
-        state = {strip_prefix(k): v for k, v in load_file(str(p)).items()}
-        return dit_from_diffusers(state) if is_diffusers_dit(set(state)) else state
-    if p.is_dir():
-        from kleinbild.loading import read_tensors, safetensors_files
-
-        # Only the transformer is read: a diffusers pipeline folder, or its transformer/ folder itself.
-        folder = p / "transformer" if (p / "transformer").is_dir() else p
-        if list(folder.glob("diffusion_pytorch_model*.safetensors")):
-            return dit_from_diffusers(read_tensors(safetensors_files(folder, "diffusion_pytorch_model")))
-    return dit_state(locate(model))
-
-
-def quantize_file(model: str | Path, out: str | Path, fmt: str,
-                  dtype: torch.dtype | None = torch.bfloat16) -> dict[str, Any]:
-    """`kleinbild quantize`: write `model`'s transformer as a quantized official single file (the layers that stay
-    unquantized in `dtype`, as the official files have them; None keeps the source dtype)."""
-    state = read_transformer(model)
-    already = from_file_tensors(dict(state))
-    if already:
-        raise ValueError(f"{model} is already quantized ({sorted({q.format for q in already.values()})}); "
-                         "quantize the bf16 original instead")
-    return save_quantized(state, out, fmt, dtype=dtype, metadata={"kleinbild_source": str(model)})
-
-
-def memory_report(model: str | Path, formats: Iterable[str] = FORMATS) -> dict[str, Any]:
-    """Weight bytes of the transformer as loaded in bf16 and in each format (tensors actually held by the module)."""
-    from kleinbild.config import DiTConfig
-    from kleinbild.loading import load_into
-    from kleinbild.transformer import Flux2Transformer
-
-    res: dict[str, Any] = {"model": str(model)}
-    cfg = None
-    for fmt in ("bfloat16", *formats):
-        state = read_transformer(model)
-        if from_file_tensors(dict(state)):
-            raise ValueError(f"{model} is already quantized; measure from the bf16 original")
-        cfg = cfg or DiTConfig.from_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()})
-        with torch.device("meta"):
-            dit = Flux2Transformer(cfg)
-        prepare_quantized(dit, state, None if fmt == "bfloat16" else fmt, "cpu")
-        load_into(dit, state, f"transformer {model}", torch.device("cpu"), torch.bfloat16)
-        del state
-        res[fmt] = {"bytes": weight_bytes(dit), "layers": quant_summary(dit)}
-        del dit
-    base = res["bfloat16"]["bytes"]
-    for fmt in formats:
-        res[fmt]["ratio"] = round(res[fmt]["bytes"] / base, 4)
-    return res
-
-
-def quality_report(model: str = "nano", formats: Iterable[str] = FORMATS, n: int = 20, seed: int = 0,
-                   tasks: Iterable[str] = ("single", "double", "edit", "compose", "held_out"),
-                   device: str | None = None) -> dict[str, Any]:
-    """Against the bf16 pipeline: PSNR of each format's images (same prompts and seeds: the shapes eval set) and the
-    eval score of each (the analyser's "all right" rate over `tasks`). For the shapes-world (nano) models."""
-    from kleinbild.nano import shapes
-    from kleinbild.nano.evaluate import evaluate
-    from kleinbild.pipeline import KleinPipeline
-
-    tasks = list(tasks)
-
-    def images(pipe: Any) -> list[Any]:
-        out = []
-        size = pipe.preset.default_size
-        for task in tasks:
-            for i, ex in enumerate(shapes.eval_set(task, n, seed)):
-                refs = [shapes.render(s, size) for s in ex.sources]
-                out.append(pipe.generate(ex.prompt, refs or None, width=size, height=size, seed=seed + i).images[0])
-        return out
-
-    def score(pipe: Any) -> float:
-        rep = evaluate(pipe, tasks, n=n, seed=seed)
-        return sum(r.score * len(r.samples) for r in rep.results.values()) / sum(len(r.samples)
-                                                                                for r in rep.results.values())
-
-    ref_pipe = KleinPipeline.from_pretrained(model, dtype="bfloat16", device=device)
-    ref = images(ref_pipe)
-    res: dict[str, Any] = {"model": model, "n_images": len(ref), "bfloat16": {"score": score(ref_pipe)}}
-    del ref_pipe
-    for fmt in formats:
-        pipe = KleinPipeline.from_pretrained(model, dtype="bfloat16", device=device, quant=fmt)
-        got = images(pipe)
-        vals = [psnr(a, b) for a, b in zip(got, ref, strict=True)]
-        finite = [v for v in vals if math.isfinite(v)]
-        res[fmt] = {"psnr_mean": round(sum(finite) / len(finite), 2) if finite else float("inf"),
-                    "psnr_min": round(min(vals), 2), "score": score(pipe),
-                    "kernel": native_kernel(fmt, pipe.device) or "dequantize just in time"}
-        res[fmt]["score_delta"] = round(res[fmt]["score"] - res["bfloat16"]["score"], 4)
-        del pipe
-    return res
-
-
-__all__ = [
-    "FORMATS",
-    "QuantLinear",
-    "QuantWeight",
-    "default_quantizable",
-    "e2m1_decode",
-    "e2m1_encode",
-    "from_file_tensors",
-    "install",
-    "load_quantized_file",
-    "logical_shapes",
-    "matmul_report",
-    "native_kernel",
-    "pack_fp4",
-    "psnr",
-    "quant_summary",
-    "quantize_model",
-    "quantize_state",
-    "quantize_weight",
-    "save_quantized",
-    "set_native",
-    "swizzle_block_scales",
-    "to_file_tensors",
-    "unpack_fp4",
-    "unswizzle_block_scales",
-    "weight_bytes",
-]

@@ -62,9 +62,11 @@ def schedule(steps: int, n_tokens: int, shift: float | None = None) -> list[floa
 
 
 def make_noise(n: int, channels: int, h: int, w: int, seed: int) -> Tensor:
-    """Initial noise (n, channels, h, w), float32, from a CPU generator: a seed gives the same image anywhere."""
-    g = torch.Generator("cpu").manual_seed(int(seed))
-    return torch.randn((n, channels, h, w), generator=g, dtype=torch.float32)
+    """Initial noise (n, channels, h, w), float32, image i from its own CPU generator seeded `seed + i`: a seed gives
+    the same image on any device, and image i of a batch is the image of seed + i alone."""
+    draws = [torch.randn((1, channels, h, w), generator=torch.Generator("cpu").manual_seed(int(seed) + i),
+                         dtype=torch.float32) for i in range(n)]
+    return draws[0] if n == 1 else torch.cat(draws)
 
 
 def pack(latent: Tensor) -> Tensor:

@@ -1,24 +1,18 @@
-"""LoRA training on a folder of captioned images (or edit pairs), and the tools to show that it teaches a concept.
+"""LoRA training on a folder of captioned images (or edit pairs), for any base model.
 
 `train_lora` keeps the base model frozen and trains rank-r adapters on the transformer's block linears with the
-flow-matching loss of the base stage (`kleinbild.nano.train`). Each checkpoint writes the optimiser state (`ckpt.pt`),
-the adapter in the diffusers/PEFT format (`lora-STEP.safetensors`, loadable by diffusers' `load_lora_weights`,
-ComfyUI and kleinbild) and a sample image; a run resumes from its last checkpoint. The data of step k depends only
-on the seed and k, so a resumed run continues exactly.
+flow-matching loss (the velocity noise - x0 at x_t = (1 - t) x0 + t noise). Each checkpoint writes the optimiser
+state (`ckpt.pt`), the adapter in the diffusers/PEFT format (`lora-STEP.safetensors`, loadable by diffusers'
+`load_lora_weights`, ComfyUI and kleinbild) and a sample image; a run resumes from its last checkpoint. The data of
+step k depends only on the seed and k, so a resumed run continues exactly.
 
 Data folder: images (`.png`, `.jpg`, `.jpeg`, `.webp`) each with a caption in a `.txt` of the same name, or a
 `metadata.jsonl` with one object per line: `{"file_name": "out.png", "text": "make it pink", "references":
 ["in.png"]}` (references make it an edit pair; "caption" or "prompt" may stand for "text").
-
-Concept demo: `make_concept_data` renders shapes-world scenes with a shape the world does not have (a bar by
-default) and captions that name it; `concept_eval` measures with the shapes analyser and shape templates that the
-new shape appears where and as prompted, and that prompts without it come out as before.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import logging
 import math
@@ -34,12 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import Tensor, nn
 
-from kleinbild import lora, sampling
+from kleinbild import lora, lora_host, sampling
 from kleinbild.images import to_tensor
-from kleinbild.nano import shapes
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +183,7 @@ def _atomic_torch_save(obj: object, path: Path) -> None:
 
 
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth (the schedule of `kleinbild.nano.train`)."""
+    """Linear warm-up, then cosine decay to a tenth of the base rate."""
     decay = 0.1 + 0.45 * (1 + math.cos(math.pi * min(step, total) / total))
     return base * min(1.0, (step + 1) / max(1, warmup)) * decay
 
@@ -239,21 +232,10 @@ def _targets(pipe: Any, which: str) -> dict[str, tuple[int, int]]:
     return layers
 
 
-def train_lora(
-    base: Any,
-    data: Path | str,
-    out: Path | str,
-    args: LoraArgs,
-    say: Log = print,
-    load_options: dict[str, Any] | None = None,
-) -> Path:
-    """Train a LoRA on `base` (a KleinPipeline, or anything `KleinPipeline.from_pretrained` takes) and return the
-    path of the final adapter (`out/lora.safetensors`)."""
+def _open_base(base: Any, load_options: dict[str, Any] | None) -> Any:
+    """The pipeline to train on: `base` itself when it is a KleinPipeline, else loaded from it."""
     from kleinbild.pipeline import KleinPipeline
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    examples = load_dataset(data)
     if isinstance(base, KleinPipeline):
         pipe = base
     else:
@@ -265,6 +247,90 @@ def train_lora(
         pipe = KleinPipeline.from_pretrained(base, **opts)
     if pipe.quant:
         raise ValueError("train LoRAs on an unquantized base (the adapter is saved for the full-precision model)")
+    return pipe
+
+
+def _shape(args: LoraArgs, alpha: float, adapter: TrainableLora) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: the adapter's rank, alpha and layers."""
+    return {"rank": args.rank, "alpha": alpha, "targets": args.targets, "layers": adapter.names}
+
+
+def _resume(out: Path, adapter: TrainableLora, opt: torch.optim.Optimizer, shape: dict[str, Any],
+            device: torch.device, say: Log) -> int:
+    """Restore adapter and optimiser from `out/ckpt.pt`; returns its step (0 for a new run)."""
+    ck = out / "ckpt.pt"
+    if not ck.is_file():
+        return 0
+    state = torch.load(ck, map_location=device, weights_only=True)
+    saved = state.get("shape", {})
+    if saved != shape:
+        raise ValueError(
+            f"{out} holds a run with rank {saved.get('rank')}, alpha {saved.get('alpha')}, targets "
+            f"{saved.get('targets')!r}; resume with the same settings or choose another --out"
+        )
+    adapter.load_state_dict(state["lora"])
+    opt.load_state_dict(state["opt"])
+    step = state["step"]
+    say(f"lora: resumed at step {step}")
+    return step
+
+
+def _batch(
+    prep: _Prepared, args: LoraArgs, step: int, shift: float, device: torch.device
+) -> tuple[Tensor | None, ...]:
+    """Targets, prompts, references, noise and times of step k, drawn from (seed, k) alone; one reference count per
+    batch, so the sequence lengths agree within it."""
+    rng = random.Random(args.seed * 1_000_003 + step)
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    kinds = sorted(prep.groups)
+    kind = kinds[rng.randrange(len(kinds))]
+    pool = prep.groups[kind]
+    idx = [pool[rng.randrange(len(pool))] for _ in range(args.batch)]
+    x0 = torch.stack([prep.x0[i] for i in idx])
+    txt = torch.stack([prep.empty if rng.random() < args.caption_dropout else prep.txt[i] for i in idx])
+    ref_tok = ref_ids = None
+    if kind:
+        ref_tok = torch.stack([prep.refs[i][0] for i in idx])  # type: ignore[index]
+        ref_ids = prep.refs[idx[0]][1]  # type: ignore[index]
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    u = torch.sigmoid(torch.randn(len(idx), generator=g))
+    t = (shift * u / (1 + (shift - 1) * u)).to(device)
+    return x0, txt, ref_tok, ref_ids, noise, t
+
+
+def _step(pipe: Any, adapter: TrainableLora, opt: torch.optim.Optimizer, batch: tuple[Tensor | None, ...],
+          ids: tuple[Tensor, Tensor], args: LoraArgs) -> float:
+    """One optimiser step on the flow-matching loss; returns the loss."""
+    x0, txt, ref_tok, ref_ids, noise, t = batch
+    img_ids, txt_ids = ids
+    xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    dt = pipe.dtype
+    use_autocast = args.autocast and pipe.device.type in ("cpu", "cuda")
+    with torch.autocast(pipe.device.type, dtype=torch.bfloat16, enabled=use_autocast):
+        v = pipe.transformer(xt.to(dt), img_ids, txt.to(dt), txt_ids, t,
+                             ref=None if ref_tok is None else ref_tok.to(dt), ref_ids=ref_ids)
+    loss = F.mse_loss(v.float(), noise - x0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(adapter.parameters(), args.grad_clip)
+    opt.step()
+    return loss.item()
+
+
+def train_lora(
+    base: Any,
+    data: Path | str,
+    out: Path | str,
+    args: LoraArgs,
+    say: Log = print,
+    load_options: dict[str, Any] | None = None,
+) -> Path:
+    """Train a LoRA on `base` (a KleinPipeline, or anything `KleinPipeline.from_pretrained` takes) and return the
+    path of the final adapter (`out/lora.safetensors`)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    examples = load_dataset(data)
+    pipe = _open_base(base, load_options)
     size = args.size or pipe.preset.default_size
     m = pipe.preset.ae.downscale
     if size % m or size < 64:
@@ -280,62 +346,21 @@ def train_lora(
     layers = _targets(pipe, args.targets)
     adapter = TrainableLora(layers, args.rank, alpha, args.seed).to(pipe.device)
     opt = torch.optim.AdamW(adapter.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    step = 0
-    ck = out / "ckpt.pt"
-    if ck.is_file():
-        state = torch.load(ck, map_location=pipe.device, weights_only=True)
-        saved = state.get("shape", {})
-        now = {"rank": args.rank, "alpha": alpha, "targets": args.targets, "layers": adapter.names}
-        if saved != now:
-            raise ValueError(
-                f"{out} holds a run with rank {saved.get('rank')}, alpha {saved.get('alpha')}, targets "
-                f"{saved.get('targets')!r}; resume with the same settings or choose another --out"
-            )
-        adapter.load_state_dict(state["lora"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-        say(f"lora: resumed at step {step}")
-    host = lora.host(pipe.transformer)
+    step = _resume(out, adapter, opt, _shape(args, alpha, adapter), pipe.device, say)
+    host = lora_host.host(pipe.transformer)
     name = host.add(adapter.entries(), 1.0, name="training", source=str(out))
-    dit = pipe.transformer
-    txt_ids = sampling.text_ids(prep.empty.shape[0]).to(pipe.device)
-    img_ids = sampling.image_ids(hw, hw).to(pipe.device)
-    kinds = sorted(prep.groups)
+    ids = sampling.image_ids(hw, hw).to(pipe.device), sampling.text_ids(prep.empty.shape[0]).to(pipe.device)
     sample_prompt = args.sample_prompt or examples[0].caption
-    use_autocast = args.autocast and pipe.device.type in ("cpu", "cuda")
     (out / "args.json").write_text(json.dumps({**asdict(args), "alpha": alpha, "data": str(data)}, indent=2))
     try:
         losses: list[float] = []
         t_start = time.perf_counter()
         while step < args.steps:
-            rng = random.Random(args.seed * 1_000_003 + step)
-            g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-            kind = kinds[rng.randrange(len(kinds))]
-            pool = prep.groups[kind]
-            idx = [pool[rng.randrange(len(pool))] for _ in range(args.batch)]
-            x0 = torch.stack([prep.x0[i] for i in idx])
-            txt = torch.stack([prep.empty if rng.random() < args.caption_dropout else prep.txt[i] for i in idx])
-            ref_tok = ref_ids = None
-            if kind:
-                ref_tok = torch.stack([prep.refs[i][0] for i in idx])  # type: ignore[index]
-                ref_ids = prep.refs[idx[0]][1]  # type: ignore[index]
-            noise = torch.randn(x0.shape, generator=g).to(pipe.device)
-            u = torch.sigmoid(torch.randn(len(idx), generator=g))
-            t = (shift * u / (1 + (shift - 1) * u)).to(pipe.device)
-            xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+            batch = _batch(prep, args, step, shift, pipe.device)
             lr = _lr(step, args.steps, args.lr, args.warmup)
             for group in opt.param_groups:
                 group["lr"] = lr
-            dt = pipe.dtype
-            with torch.autocast(pipe.device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                v = dit(xt.to(dt), img_ids, txt.to(dt), txt_ids, t, ref=None if ref_tok is None else ref_tok.to(dt),
-                        ref_ids=ref_ids)
-            loss = F.mse_loss(v.float(), noise - x0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(adapter.parameters(), args.grad_clip)
-            opt.step()
-            losses.append(loss.item())
+            losses.append(_step(pipe, adapter, opt, batch, ids, args))
             step += 1
             if step % 10 == 0 or step == args.steps:
                 say(f"lora step {step}/{args.steps} loss {np.mean(losses[-10:]):.4f} lr {lr:.2e} "
@@ -354,7 +379,7 @@ def train_lora(
 
 def _checkpoint(pipe: Any, adapter: TrainableLora, opt: torch.optim.Optimizer, step: int, out: Path, args: LoraArgs,
                 alpha: float, prompt: str, size: int, say: Log) -> None:
-    shape = {"rank": args.rank, "alpha": alpha, "targets": args.targets, "layers": adapter.names}
+    shape = _shape(args, alpha, adapter)
     _atomic_torch_save({"lora": adapter.state_dict(), "opt": opt.state_dict(), "step": step, "shape": shape},
                        out / "ckpt.pt")
     path = lora.save_lora(adapter.weights(), out / f"lora-{step:06d}.safetensors", pipe.transformer, "diffusers",
@@ -391,200 +416,12 @@ def flow_loss(pipe: Any, data: Path | str, size: int | None = None, seed: int = 
     return total / len(examples)
 
 
-# ---------------------------------------------------------------- the concept demo
-
-
-def _cross(draw: ImageDraw.ImageDraw, box: shapes.Box) -> None:
-    x0, y0, x1, y1 = box
-    w, h = (x1 - x0) / 3, (y1 - y0) / 3
-    draw.rectangle((x0 + w, y0, x1 - w, y1), fill=255)
-    draw.rectangle((x0, y0 + h, x1, y1 - h), fill=255)
-
-
-def _diamond(draw: ImageDraw.ImageDraw, box: shapes.Box) -> None:
-    x0, y0, x1, y1 = box
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=255)
-
-
-def _ring(draw: ImageDraw.ImageDraw, box: shapes.Box) -> None:
-    x0, y0, x1, y1 = box
-    draw.ellipse(box, fill=255)
-    m = (x1 - x0) * 0.25
-    draw.ellipse((x0 + m, y0 + m, x1 - m, y1 - m), fill=0)
-
-
-# Shapes the shapes world does not have. (A new *colour* cannot be taught to nano: its small autoencoder only
-# reconstructs the palette, measured: pink comes back white, cyan blue, so no DiT adapter could draw one.)
-def _bar(draw: ImageDraw.ImageDraw, box: shapes.Box) -> None:
-    x0, y0, x1, y1 = box
-    h = (y1 - y0) * 0.3
-    cy = (y0 + y1) / 2
-    draw.rectangle((x0, cy - h, x1, cy + h), fill=255)
-
-
-CONCEPT_SHAPES: dict[str, Callable[[ImageDraw.ImageDraw, shapes.Box], None]] = {
-    "bar": _bar, "ring": _ring, "cross": _cross, "diamond": _diamond}
-_ALL_DRAWERS = {**shapes.DRAWERS, **CONCEPT_SHAPES}
-
-
-def _check_concept(shape: str) -> None:
-    if shape not in CONCEPT_SHAPES:
-        raise ValueError(f"unknown concept shape {shape!r}; choose one of: {', '.join(CONCEPT_SHAPES)}")
-
-
-def render_concept(scene: shapes.Scene, size: int = 128) -> Image.Image:
-    """Render a scene that may hold concept shapes (drawn like the world's: same box, anti-aliasing)."""
-    return shapes.render(scene, size, drawers=_ALL_DRAWERS)
-
-
-def _concept_scene(rng: random.Random, shape: str) -> shapes.Scene:
-    # Big only: nano's autoencoder (16x downscaling, 8x8 latents at 128 px) blurs a small ring or cross into a dot,
-    # so no adapter could draw one (see concept_eval's autoencoder ceiling).
-    bg = rng.choice(shapes.COLOURS)
-    colour = rng.choice([c for c in shapes.COLOURS if c != bg])
-    obj = shapes.Obj(shape, colour, "big", rng.choice(list(shapes.POSITIONS)))
-    return shapes.Scene(bg, (obj,))
-
-
-def make_concept_data(out: Path | str, shape: str = "bar", n: int = 20, seed: int = 0, size: int = 128,
-                      prior: int = 0, prior_pipe: Any = None) -> Path:
-    """Write `n` captioned single-object scenes of the concept shape (image + .txt), seeded, and `prior` ordinary
-    shapes-world prompts with images: prior preservation (as in DreamBooth), so the adapter learns what is new
-    without unlearning what the model already draws. The prior images are the rendered scenes, or with
-    `prior_pipe` (the model to be adapted) the model's own images for those prompts: then the adapter is pulled
-    towards what the model does now, not towards the world's ground truth, which the model only approximates
-    (training on the truth moves unrelated prompts too). No prior scene is an evaluation scene."""
-    _check_concept(shape)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(f"kleinbild-concept:{shape}:{seed}")
-    for i in range(n):
-        scene = _concept_scene(rng, shape)
-        render_concept(scene, size).save(out / f"{shape}-{i:03d}.png")
-        (out / f"{shape}-{i:03d}.txt").write_text(shapes.caption(scene, rng) + "\n")
-    for i in range(prior):
-        ex = shapes.sample_t2i(rng)
-        if prior_pipe is None:
-            img = shapes.render(ex.target, size)
-        else:
-            img = prior_pipe.generate(ex.prompt, width=size, height=size, seed=seed * 100_003 + i).images[0]
-        img.save(out / f"prior-{i:03d}.png")
-        (out / f"prior-{i:03d}.txt").write_text(ex.prompt + "\n")
-    return out
-
-
-@functools.lru_cache(maxsize=512)
-def _template(shape: str, side: int) -> np.ndarray:
-    ss = 4
-    mask = Image.new("L", (side * ss, side * ss), 0)
-    _ALL_DRAWERS[shape](ImageDraw.Draw(mask), (0, 0, side * ss - 1, side * ss - 1))
-    return np.asarray(mask.resize((side, side), Image.Resampling.BOX), dtype=np.float64) / 255.0 >= 0.5
-
-
-def concept_presence(image: Image.Image, shape: str, min_iou: float = 0.6) -> dict[str, Any]:
-    """Find an object of the concept shape: the shapes analyser finds the objects (colour, size, position); each
-    object's colour mask, in a square box around it, is compared with every shape's template (the world's and the
-    concept's). Present when the concept's template fits best, with IoU >= `min_iou`. Returns whether it is
-    present and, if so, the concept object as the analyser read it (`found`) with its IoU."""
-    from kleinbild.nano.analyze import _box3, _classify, analyze
-
-    _check_concept(shape)
-    rgb = np.asarray(image.convert("RGB"))
-    analysis = analyze(rgb)
-    classes = _classify(_box3(rgb.astype(np.float32)))
-    best: dict[str, Any] = {"present": False, "found": None, "iou": 0.0, "analysis": analysis}
-    for f in analysis.objects:
-        x0, y0, x1, y1 = f.bbox
-        side = max(x1 - x0, y1 - y0)
-        if side < 4:
-            continue
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        left, top = round(cx - side / 2), round(cy - side / 2)
-        pad = np.full((side, side), False)
-        sub = classes[max(top, 0): top + side, max(left, 0): left + side] == shapes.COLOURS.index(f.colour)
-        pad[max(-top, 0): max(-top, 0) + sub.shape[0], max(-left, 0): max(-left, 0) + sub.shape[1]] = sub
-        ious = {}
-        for name in _ALL_DRAWERS:
-            t = _template(name, side)
-            ious[name] = float((pad & t).sum() / max((pad | t).sum(), 1))
-        winner = max(ious, key=ious.__getitem__)
-        if winner == shape and ious[shape] >= min_iou and ious[shape] > best["iou"]:
-            # The analyser sizes by covered area, which a ring or cross does not fill: size by the box instead.
-            big = side / rgb.shape[1] >= (shapes.SIZE_FRACTIONS["small"] + shapes.SIZE_FRACTIONS["big"]) / 2
-            best.update(present=True, found=dataclasses.replace(f, size="big" if big else "small"), iou=ious[shape])
-    return best
-
-
-def concept_eval(
-    pipe: Any, shape: str = "bar", n: int = 20, seed: int = 1000, lora_name: str | None = None,
-    steps: int | None = None,
-) -> dict[str, Any]:
-    """With the pipeline's LoRAs on and off: on fresh concept prompts, how often the concept shape appears (and with
-    the prompted colour, size and position); on the eval set's unrelated prompts, the analyser score and the PSNR of
-    with-LoRA against without-LoRA images (same seeds). `lora_name` (default: all attached) is switched off for the
-    baseline by setting its scale to 0."""
-    from kleinbild.nano.analyze import analyze, matches
-    from kleinbild.quant import psnr
-
-    _check_concept(shape)
-    size = pipe.preset.default_size
-    h = lora.host(pipe.transformer)
-    names = [lora_name] if lora_name else [a["name"] for a in h.info()]
-    if not names:
-        raise ValueError("attach the trained LoRA first (pipe.load_lora(...)); concept_eval compares it on and off")
-    scales = {nm: h.adapters[nm].scale for nm in names}
-    rng = random.Random(f"kleinbild-concept-eval:{shape}:{seed}")
-    concept = [(sc, shapes.caption(sc, rng)) for sc in (_concept_scene(rng, shape) for _ in range(n))]
-    unrelated = shapes.eval_set("single", n, seed) + shapes.eval_set("double", n, seed)
-
-    def run(on: bool) -> dict[str, Any]:
-        for nm in names:
-            h.set_scale(nm, scales[nm] if on else 0.0)
-        hits = attrs = 0
-        for i, (scene, prompt) in enumerate(concept):
-            img = pipe.generate(prompt, width=size, height=size, steps=steps, seed=seed + i).images[0]
-            res = concept_presence(img, shape)
-            hits += res["present"]
-            if res["present"]:
-                o, f = scene.objects[0], res["found"]
-                attrs += (f.colour, f.size, f.position) == (o.colour, o.size, o.position)
-        imgs, score, leaks = [], 0, 0
-        for i, ex in enumerate(unrelated):
-            img = pipe.generate(ex.prompt, width=size, height=size, steps=steps, seed=seed + i).images[0]
-            imgs.append(img)
-            score += matches(analyze(img), ex.target)["all"]
-            leaks += concept_presence(img, shape)["present"]
-        return {"concept_present": hits / n, "concept_all_right": attrs / n,
-                "unrelated_score": score / len(unrelated), "unrelated_with_concept": leaks / len(unrelated),
-                "images": imgs}
-
-    # What the autoencoder alone lets through: the concept targets, encoded and decoded.
-    refs = [render_concept(sc, size) for sc, _ in concept]
-    ceiling = sum(concept_presence(im, shape)["present"] for im in pipe.decode(torch.cat(pipe.encode_images(refs))))
-    try:
-        with_lora = run(True)
-        without = run(False)
-    finally:
-        for nm in names:
-            h.set_scale(nm, scales[nm])
-    psnrs = [psnr(a, b) for a, b in zip(with_lora.pop("images"), without.pop("images"), strict=True)]
-    finite = [p for p in psnrs if math.isfinite(p)]
-    return {"shape": shape, "n": n, "with_lora": with_lora, "without_lora": without, "autoencoder_ceiling": ceiling / n,
-            "unrelated_psnr_mean": float(np.mean(finite)) if finite else float("inf"),
-            "unrelated_psnr_min": float(min(psnrs)) if psnrs else float("inf")}
-
 
 __all__ = [
-    "CONCEPT_SHAPES",
     "Example",
     "LoraArgs",
     "TrainableLora",
-    "concept_eval",
-    "concept_presence",
     "flow_loss",
     "load_dataset",
-    "make_concept_data",
-    "render_concept",
     "train_lora",
 ]

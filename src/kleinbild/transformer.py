@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kleinbild.config import DiTConfig
+from kleinbild.files import release_file_pages
 
 # A modulation triple: (shift, scale, gate), each (B, 1, H) or (B, S, H) when references carry their own.
 Mod = tuple[Tensor, Tensor, Tensor]
@@ -85,8 +86,6 @@ class Linear(nn.Linear):
             key = (w.data_ptr(), -1)
         cached = self.__dict__.get("_pack")
         if cached is None or cached[0] != key:
-            from kleinbild.loading import release_file_pages  # loading imports this module
-
             packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), max(1, x.numel() // x.shape[-1]))
             release_file_pages([w])
             self.__dict__["_pack"] = cached = (key, packed)
@@ -344,48 +343,67 @@ class Flux2Transformer(nn.Module):
         ref: Tensor | None = None,
         ref_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
-        extract_kv: bool = False,
-    ) -> Tensor | tuple[Tensor, KVCache]:
+    ) -> Tensor:
         """Velocity for the image tokens.
 
         img (B, N, C), txt (B, L, D), ids (B, *, 4) or (*, 4), timesteps (B,) in [0, 1].
-        - `ref` without `extract_kv`: reference tokens appended after the image tokens (the plain path);
-          the prediction for them is dropped.
-        - `ref` with `extract_kv=True` (KV models, step 0): references modulated at t=0 attend only to
-          themselves; returns (prediction, KVCache).
-        - `kv_cache` (KV models, later steps): no reference tokens; cached K/V joins the attention.
+        - `ref`: reference tokens appended after the image tokens (the plain path); their prediction is dropped.
+        - `kv_cache` (KV models, steps after the first): no reference tokens; the cached K/V joins the attention.
         """
-        dtype = img.dtype
-        n_img, n_txt = img.shape[1], txt.shape[1]
-        vec = self._vec(timesteps, dtype)
-        mod_img = self.double_stream_modulation_img(vec)
-        mod_txt = self.double_stream_modulation_txt(vec)
-        (mod_single,) = self.single_stream_modulation(vec)
-        x = self.img_in(img)
-        txt_h = self.txt_in(txt)
-        store: KVCache | None = None
-        n_ref = 0
         if ref is not None and ref_ids is None:
             raise ValueError("reference tokens need their position ids")
-        if ref is not None and extract_kv:
-            n_ref = ref.shape[1]
-            store = KVCache()
-            ref_vec = self._vec(torch.zeros_like(timesteps), dtype)
-            mod_img = _blend(self.double_stream_modulation_img(ref_vec), mod_img, n_ref, n_img)
-            (ref_single,) = self.single_stream_modulation(ref_vec)
-            shared = n_txt
-            mod_single = tuple(
-                torch.cat([s.expand(-1, shared, -1), r.expand(-1, n_ref, -1), s.expand(-1, n_img, -1)], dim=1)
-                for s, r in zip(mod_single, ref_single, strict=True)
-            )  # type: ignore[assignment]
-            x = torch.cat([self.img_in(ref), x], dim=1)
-            cos, sin = self._rope([txt_ids, ref_ids, img_ids])
-        elif ref is not None:
+        vec = self._vec(timesteps, img.dtype)
+        mods = self._modulations(vec)
+        x = self.img_in(img)
+        if ref is not None:
             x = torch.cat([x, self.img_in(ref)], dim=1)
             cos, sin = self._rope([txt_ids, img_ids, ref_ids])
         else:
             cos, sin = self._rope([txt_ids, img_ids])
+        return self._blocks(x, self.txt_in(txt), vec, mods, cos, sin, img.shape[1], kv_cache=kv_cache)
 
+    def extract_kv(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        ref: Tensor,
+        ref_ids: Tensor,
+    ) -> tuple[Tensor, KVCache]:
+        """The first step of a KV model: the velocity, and the reference tokens' keys and values of every block.
+
+        References are modulated at t=0 and attend only to themselves, so their K/V do not depend on the step and
+        later steps can reuse them (`forward(..., kv_cache=)`).
+        """
+        dtype = img.dtype
+        n_img, n_txt, n_ref = img.shape[1], txt.shape[1], ref.shape[1]
+        vec = self._vec(timesteps, dtype)
+        mod_img, mod_txt, mod_single = self._modulations(vec)
+        ref_vec = self._vec(torch.zeros_like(timesteps), dtype)
+        ref_img, _, ref_single = self._modulations(ref_vec)
+        mod_img = _blend(ref_img, mod_img, n_ref, n_img)
+        mod_single = tuple(
+            torch.cat([s.expand(-1, n_txt, -1), r.expand(-1, n_ref, -1), s.expand(-1, n_img, -1)], dim=1)
+            for s, r in zip(mod_single, ref_single, strict=True)
+        )
+        x = torch.cat([self.img_in(ref), self.img_in(img)], dim=1)
+        cos, sin = self._rope([txt_ids, ref_ids, img_ids])
+        store = KVCache()
+        out = self._blocks(x, self.txt_in(txt), vec, (mod_img, mod_txt, mod_single), cos, sin, n_img,
+                           n_ref=n_ref, store=store)
+        return out, store
+
+    def _modulations(self, vec: Tensor) -> tuple[list[Mod], list[Mod], Mod]:
+        (single,) = self.single_stream_modulation(vec)
+        return self.double_stream_modulation_img(vec), self.double_stream_modulation_txt(vec), single
+
+    def _blocks(self, x: Tensor, txt_h: Tensor, vec: Tensor, mods: tuple, cos: Tensor, sin: Tensor, n_img: int,
+                n_ref: int = 0, store: KVCache | None = None, kv_cache: KVCache | None = None) -> Tensor:
+        """The double- and single-stream blocks and the final layer over [text, (references), image] tokens."""
+        mod_img, mod_txt, mod_single = mods
+        n_txt = txt_h.shape[1]
         rot = torch.complex(cos, sin) if cos.device.type == "cpu" else None
         for i, block in enumerate(self.double_blocks):
             ctx = _Ctx(cos, sin, n_txt, n_ref=n_ref, store=store.double if store else None, rot=rot)
@@ -399,7 +417,4 @@ class Flux2Transformer(nn.Module):
                 ctx.cached = kv_cache.single[i]
             x = block(x, mod_single, ctx)
         x = x[:, n_txt + n_ref : n_txt + n_ref + n_img]
-        out = self.final_layer(x, vec)
-        if store is not None:
-            return out, store
-        return out
+        return self.final_layer(x, vec)

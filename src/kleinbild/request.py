@@ -1,0 +1,221 @@
+"""The one request type: a generation request, validated once, before any model runs.
+
+`validate` resolves everything (size rounding and minimum side, steps and guidance defaults, the seed, the
+prepared references) and records why anything changed (`notes`); `generate`, `generate_batch`, the CLI and the
+server all build a `Request` with it, and everything downstream trusts it. The server adds only its own limits.
+
+Seeds: image i of a request with seed s is the image of seed s + i alone, so any image of a batch can be made
+again by itself, and a request can be split into chunks without changing a pixel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch import Tensor
+
+from kleinbild import sampling
+from kleinbild.cache import content_key
+from kleinbild.config import ModelPreset
+from kleinbild.images import MAX_PIXELS, MIN_SIDE, InputError, open_image, prepare_reference
+
+log = logging.getLogger(__name__)
+
+ImageInput = Image.Image | str | Path
+# Seeds of a request stay below this, so seed + i is a valid seed for torch and a safe integer for JSON readers.
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True, eq=False)
+class Request:
+    """A validated request: what the engine runs, and what reproduces each of its images."""
+
+    prompt: str
+    negative_prompt: str | None  # None: the model runs without CFG
+    references: tuple[Image.Image, ...]  # prepared: RGB, capped, cropped to the token grid
+    width: int
+    height: int
+    steps: int
+    guidance: float | None  # None: guidance-distilled
+    seed: int | None  # image i uses seed + i; None when `noise` was given
+    num_images: int
+    noise: Tensor | None = field(default=None, repr=False)
+    notes: tuple[str, ...] = ()
+    reference_digests: tuple[str, ...] = ()  # content keys of the prepared references (cache keys, metadata)
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """Each image's own seed (empty when the noise was given)."""
+        if self.seed is None:
+            return ()
+        return tuple(self.seed + i for i in range(self.num_images))
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share every forward pass (prompts, references and seeds may differ)."""
+        return (self.width, self.height, self.steps, self.guidance, tuple(r.size for r in self.references))
+
+    def initial_noise(self, channels: int, downscale: int) -> Tensor:
+        """(n, C, H/m, W/m) float32 on the CPU: the given noise, or one seeded draw per image."""
+        if self.noise is not None:
+            return self.noise
+        assert self.seed is not None
+        return sampling.make_noise(self.num_images, channels, self.height // downscale, self.width // downscale,
+                                   self.seed)
+
+    def settings(self) -> dict[str, Any]:
+        """What the request resolved to, as plain data (the part of a result's settings that the request decides)."""
+        return {
+            "prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed,
+            "seeds": list(self.seeds), "steps": self.steps, "guidance": self.guidance, "width": self.width,
+            "height": self.height, "num_images": self.num_images,
+            "references": [list(r.size) for r in self.references],
+            "reference_digests": list(self.reference_digests), "notes": list(self.notes),
+        }
+
+    def split(self, size: int) -> list[Request]:
+        """Consecutive chunks of at most `size` images; by the seed rule they make the same images as the whole."""
+        if self.num_images <= size:
+            return [self]
+        out = []
+        for start in range(0, self.num_images, size):
+            n = min(size, self.num_images - start)
+            noise = None if self.noise is None else self.noise[start : start + n]
+            seed = None if self.seed is None else self.seed + start
+            out.append(replace(self, seed=seed, num_images=n, noise=noise))
+        return out
+
+
+def validate(
+    preset: ModelPreset,
+    prompt: Any,
+    images: Sequence[ImageInput] | ImageInput | None = None,
+    *,
+    width: Any = None,
+    height: Any = None,
+    steps: Any = None,
+    guidance: Any = None,
+    negative_prompt: Any = None,
+    seed: Any = None,
+    num_images: Any = 1,
+    noise: Tensor | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> Request:
+    """Check and resolve one request for `preset`; raises InputError naming the bad value (and its `param`).
+
+    `max_pixels` bounds the output: an explicit size over it is refused, a default one (the first reference's
+    size, or the preset's) is scaled down to fit, keeping its aspect.
+    """
+    notes: list[str] = []
+    if not isinstance(prompt, str):
+        raise InputError(f"prompt must be a string, got {type(prompt).__name__}", "prompt")
+    if not _is_int(num_images) or num_images < 1:
+        raise InputError(f"num_images must be a positive integer, got {num_images!r}", "num_images")
+    steps = preset.default_steps if steps is None else steps
+    if not _is_int(steps) or steps < 1:
+        raise InputError(f"steps must be a positive integer, got {steps!r}", "steps")
+    guidance, negative_prompt = _guidance(preset, guidance, negative_prompt, notes)
+    refs = _references(preset, images)
+    w, h = _size(preset, width, height, refs, max_pixels, notes)
+    seed = _seed(seed, num_images, noise, (num_images, preset.ae.latent_channels, h // preset.ae.downscale,
+                                              w // preset.ae.downscale))
+    digests = tuple(content_key(b"reference", im.mode.encode(), f"{im.size}".encode(), im.tobytes()) for im in refs)
+    return Request(prompt, negative_prompt, tuple(refs), w, h, steps, guidance, seed, num_images, noise,
+                   tuple(notes), digests)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _guidance(preset: ModelPreset, guidance: Any, negative_prompt: Any, notes: list[str]
+              ) -> tuple[float | None, str | None]:
+    if not preset.uses_cfg:
+        if guidance is not None:
+            notes.append(f"guidance {guidance} ignored: {preset.name} is guidance-distilled")
+        if negative_prompt:
+            notes.append(f"negative prompt ignored: {preset.name} runs without CFG")
+        for note in notes:
+            log.warning(note)
+        return None, None
+    if guidance is None:
+        guidance = preset.default_guidance
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise InputError(f"guidance must be a finite number, got {guidance!r}", "guidance")
+    negative_prompt = "" if negative_prompt is None else negative_prompt
+    if not isinstance(negative_prompt, str):
+        raise InputError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}", "negative_prompt")
+    return float(guidance), negative_prompt
+
+
+def _references(preset: ModelPreset, images: Sequence[ImageInput] | ImageInput | None) -> list[Image.Image]:
+    if images is None:
+        return []
+    items = [images] if isinstance(images, (Image.Image, str, Path)) else list(images)
+    cap = preset.max_ref_pixels_single if len(items) == 1 else preset.max_ref_pixels_multi
+    try:
+        pil = [open_image(im) if isinstance(im, (str, Path)) else im for im in items]
+        return [prepare_reference(im, cap, preset.ae.downscale, i) for i, im in enumerate(pil)]
+    except InputError as e:
+        raise InputError(str(e), e.param or "images") from None
+
+
+def _size(preset: ModelPreset, width: Any, height: Any, refs: list[Image.Image], max_pixels: int,
+          notes: list[str]) -> tuple[int, int]:
+    m = preset.ae.downscale
+    if width is None and height is None:
+        return _default_size(preset, refs, max_pixels, notes)
+    default = refs[0].size if refs else (preset.default_size, preset.default_size)
+    width = default[0] if width is None else width
+    height = default[1] if height is None else height
+    for name, v in (("width", width), ("height", height)):
+        if not _is_int(v):
+            raise InputError(f"{name} must be an integer number of pixels, got {v!r}", name)
+    w, h = (width // m) * m, (height // m) * m
+    if w < MIN_SIDE or h < MIN_SIDE:
+        raise InputError(f"size {width}x{height} is too small; both sides must be at least {MIN_SIDE} px", "width")
+    if w * h > max_pixels:
+        raise InputError(f"size {w}x{h} is {w * h / 1e6:.2f} megapixels; at most {max_pixels / 1e6:.2f} "
+                         f"({_square(max_pixels, m)}) are allowed", "width")
+    if (w, h) != (width, height):
+        notes.append(f"size {width}x{height} rounded down to {w}x{h} (a multiple of {m})")
+    return w, h
+
+
+def _default_size(preset: ModelPreset, refs: list[Image.Image], max_pixels: int, notes: list[str]
+                  ) -> tuple[int, int]:
+    """The first reference's size (already a multiple of the token size), else the preset's, fitted to the bound."""
+    m = preset.ae.downscale
+    w, h = refs[0].size if refs else (preset.default_size, preset.default_size)
+    if w * h <= max_pixels:
+        return w, h
+    s = math.sqrt(max_pixels / (w * h))
+    fw, fh = max(MIN_SIDE, int(w * s) // m * m), max(MIN_SIDE, int(h * s) // m * m)
+    if fw * fh > max_pixels:
+        raise InputError(f"the default size {w}x{h} cannot fit {max_pixels} pixels; pass a size", "width")
+    notes.append(f"size {w}x{h} scaled to {fw}x{fh} to fit {max_pixels / 1e6:.2f} megapixels")
+    return fw, fh
+
+
+def _square(max_pixels: int, m: int) -> str:
+    side = int(math.isqrt(max_pixels)) // m * m
+    return f"e.g. {side}x{side}"
+
+
+def _seed(seed: Any, n: int, noise: Tensor | None, shape: tuple[int, ...]) -> int | None:
+    if noise is not None:
+        if tuple(noise.shape) != shape:
+            raise InputError(f"noise has shape {tuple(noise.shape)}; for this request it must be {shape}", "noise")
+        return None
+    if seed is None:
+        return secrets.randbelow(2**32)
+    if not _is_int(seed) or seed < 0 or seed + n - 1 > MAX_SEED:
+        raise InputError(f"seed must be an integer from 0 to {MAX_SEED - n + 1} (image i uses seed + i), "
+                         f"got {seed!r}", "seed")
+    return seed
