@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from kleinbild.bench.cpu import cpu as bench  # noqa: E402
+from kleinbild.bench import cpu as bench  # noqa: E402
 from kleinbild.cli import main  # noqa: E402
 from kleinbild.config import get_preset  # noqa: E402
 from kleinbild.pipeline import KleinPipeline  # noqa: E402
@@ -58,7 +58,7 @@ def test_bench_cli_prints_table_and_json(tmp_path, capsys):
 
 def test_in_process_bench_gives_the_peer_the_same_weights():
     """The accelerator path (weights made on the device, diffusers given the same tensors) run on the CPU."""
-    from kleinbild.bench.cpu import device as bench_device
+    from kleinbild.bench import device as bench_device
 
     res = bench_device.run("nano", device="cpu", size=128, steps=2, dtype="float32", repeats=1, vs="diffusers",
                            offload_modes=("model", "sequential"), say=lambda m: None)
@@ -75,16 +75,16 @@ def test_in_process_bench_gives_the_peer_the_same_weights():
 def test_random_weights_refuse_uninitialised_buffers():
     from torch import nn
 
-    from kleinbild.bench.cpu import device as bench_device
+    from kleinbild.bench import device as bench_device
 
     with pytest.raises(ValueError, match="running_mean"):
         bench_device._materialise(lambda: nn.BatchNorm1d(4), torch.device("cpu"), torch.float32, 0)
 
 
 def test_bench_cli_with_a_device_runs_in_process(monkeypatch, capsys):
-    import kleinbild.pipeline
+    import kleinbild.loading
 
-    monkeypatch.setattr(kleinbild.pipeline, "pick_device", lambda d: torch.device("cpu"))  # stands in for cuda
+    monkeypatch.setattr(kleinbild.loading, "pick_device", lambda d: torch.device("cpu"))  # stands in for cuda
     rc = main(["bench", "--preset", "nano", "--random-weights", "--device", "cuda", "--size", "128", "--steps",
                "2", "--repeats", "1", "--offload", "none"])
     assert rc == 0

@@ -84,7 +84,7 @@ def test_generate_then_edit_from_the_gallery(tmp_path):
             page.screenshot(path=shot, full_page=True)
         finally:
             browser.close()
-        edits = [j for j in srv.app.state.engine.jobs.values() if j.spec.kind == "edit"]
-        assert len(edits) == 1 and edits[0].state == "succeeded" and len(edits[0].spec.refs) == 1
-        assert edits[0].spec.prompt == "make the circle green"
+        edits = [j for j in srv.app.state.worker.jobs.values() if j.delivery.kind == "edit"]
+        assert len(edits) == 1 and edits[0].state == "succeeded" and len(edits[0].request.references) == 1
+        assert edits[0].request.prompt == "make the circle green"
         assert not problems, problems

@@ -9,8 +9,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from kleinbild import __version__
+
+if TYPE_CHECKING:
+    from kleinbild.loading import LoadOptions
+    from kleinbild.pipeline import GenerationResult, KleinPipeline
 
 
 def _int_at_least(minimum: int, what: str):
@@ -29,6 +34,8 @@ def _int_at_least(minimum: int, what: str):
 _positive_int = _int_at_least(1, "value")
 _seed = _int_at_least(0, "seed")
 _MIX_KINDS = ("t2i", "edit", "compose", "drill", "loose")
+_QUANT_FORMATS = ("fp8", "nvfp4", "int8")
+_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _mix(text: str) -> tuple[float, ...]:
@@ -44,16 +51,27 @@ def _mix(text: str) -> tuple[float, ...]:
     return weights
 
 
-_QUANT_FORMATS = ("fp8", "nvfp4", "int8")
+# ---------------------------------------------------------------- the model flags, declared once
 
 
-def _add_model_extras(p: argparse.ArgumentParser, fuse: bool = True, offload: str = "none") -> None:
-    """--lora (repeatable), --quant and --offload, shared by the commands that load a model."""
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="apply a LoRA (diffusers/PEFT, kohya/ComfyUI or official keys), scale 1 unless given; "
-                   "repeat for several")
-    if fuse:
-        p.add_argument("--fuse-lora", action="store_true", help="merge the LoRAs into the weights (faster steps)")
+def _default_model() -> str:
+    return os.environ.get("KLEINBILD_MODEL") or "nano"
+
+
+def add_source_flags(p: argparse.ArgumentParser, default: str | None) -> None:
+    """Which model: --model and, for an official single file, its parts and its preset."""
+    p.add_argument("--model", "-m", default=default,
+                   help="diffusers folder, official .safetensors file, preset name or Hugging Face repo id "
+                   "(default: $KLEINBILD_MODEL, else the bundled nano model)")
+    p.add_argument("--vae", help="autoencoder for a single-file model: ae.safetensors or a diffusers vae/ folder")
+    p.add_argument("--text-encoder", help="for a single-file model: a Qwen3 folder, or a diffusers folder")
+    p.add_argument("--preset", help="sampling behaviour for a single file with an unofficial name (e.g. klein-base-4b)")
+
+
+def add_runtime_flags(p: argparse.ArgumentParser, offload: str) -> None:
+    """Where and how it runs: --dtype, --device, --quant, --offload, --compile."""
+    p.add_argument("--dtype", choices=_DTYPES)
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--quant", choices=_QUANT_FORMATS,
                    help="quantize the transformer's block linears on load (weight-only; int8 per output channel)")
     p.add_argument("--offload", choices=("none", "model", "sequential"), default=offload,
@@ -64,60 +82,71 @@ def _add_model_extras(p: argparse.ArgumentParser, fuse: bool = True, offload: st
                    "GPU for repeated generations: ~0.65x the time per image; the first one at each size compiles)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kleinbild", description="Run the FLUX.2 [klein] image models.")
-    parser.add_argument("--version", action="version", version=f"kleinbild {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_lora_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA (diffusers/PEFT, kohya/ComfyUI or official keys), scale 1 unless given; "
+                   "repeat for several")
+    p.add_argument("--fuse-lora", action="store_true", help="merge the LoRAs into the weights (faster steps)")
 
+
+def add_model_flags(p: argparse.ArgumentParser, *, default: str | None, offload: str = "none") -> None:
+    add_source_flags(p, default)
+    add_runtime_flags(p, offload)
+    add_lora_flags(p)
+
+
+def load_options(args: argparse.Namespace, **changes: Any) -> LoadOptions:
+    """The LoadOptions the model flags ask for (flags a command lacks keep their defaults)."""
+    from kleinbild.loading import LoadOptions
+
+    given = dict(vae=getattr(args, "vae", None), text_encoder=getattr(args, "text_encoder", None),
+                 preset=getattr(args, "preset", None), device=args.device, dtype=args.dtype,
+                 quant=getattr(args, "quant", None), loras=tuple(getattr(args, "lora", ())),
+                 fuse_loras=getattr(args, "fuse_lora", False), offload_mode=getattr(args, "offload", "none"),
+                 compile=getattr(args, "compile", False))
+    return LoadOptions(**{**given, **changes})
+
+
+# ---------------------------------------------------------------- commands and their flags
+
+
+def _generate_parser(sub: Any) -> None:
     g = sub.add_parser("generate", help="text-to-image, edit (--image) or multi-reference (--image ... --image ...)")
-    g.add_argument("prompt")
-    g.add_argument(
-        "--model",
-        "-m",
-        default=os.environ.get("KLEINBILD_MODEL", "nano"),
-        help="diffusers folder, official .safetensors file, preset name or Hugging Face repo id "
-        "(default: $KLEINBILD_MODEL, else the bundled nano model)",
-    )
-    g.add_argument("--vae", help="autoencoder for a single-file model: ae.safetensors or a diffusers vae/ folder")
-    g.add_argument("--text-encoder", help="for a single-file model: a Qwen3 folder, or a diffusers folder")
-    g.add_argument("--preset", help="sampling behaviour for a single file with an unofficial name (e.g. klein-base-4b)")
+    g.add_argument("prompt", nargs="?", help="what to make (optional with --from)")
+    add_model_flags(g, default=None, offload="model")
+    g.add_argument("--from", dest="from_png", metavar="PNG", help="make again the image this kleinbild PNG holds "
+                   "(its prompt, seed, size, references and model); flags given beside it win")
     g.add_argument("--image", "-i", action="append", default=[], help="reference image (repeat for several)")
     g.add_argument("--width", "-W", type=_positive_int)
     g.add_argument("--height", "-H", type=_positive_int)
     g.add_argument("--steps", "-s", type=_positive_int)
     g.add_argument("--guidance", "-g", type=float, help="CFG scale (base models only)")
     g.add_argument("--negative-prompt", help="negative prompt (base models only; default empty)")
-    g.add_argument("--seed", type=_seed, help="random seed (default: a random one, printed)")
+    g.add_argument("--seed", type=_seed, help="random seed; image i gets seed + i (default: a random one, printed)")
     g.add_argument("-n", "--num-images", type=_positive_int, default=1)
-    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
-    g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     g.add_argument("--out", "-o", default="out.png", help="output PNG; with -n > 1 files are NAME-0.png, NAME-1.png")
     g.add_argument("--json", action="store_true", help="print the settings used as JSON on stdout")
-    _add_model_extras(g, offload="model")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
 
-    sub.add_parser("models", help="list the presets and where each is available locally")
 
+def _bench_parser(sub: Any) -> None:
     b = sub.add_parser("bench", help="time each stage and peak memory; --vs diffusers runs both on the same weights")
-    b.add_argument("--preset", default="klein-4b")
+    b.add_argument("--preset", default="klein-4b", help="the architecture to build with random weights")
     b.add_argument("--random-weights", action="store_true", help="seeded random weights of the preset's full size "
                    "(written once to the cache folder); the only mode for now")
     b.add_argument("--size", type=_positive_int, default=512)
     b.add_argument("--steps", type=_positive_int, default=4)
-    b.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     b.add_argument("--threads", type=_positive_int, help="CPU threads for both engines (default: torch's)")
     b.add_argument("--vs", choices=["diffusers"], help="also run diffusers' Flux2KleinPipeline, alternating")
     b.add_argument("--repeats", type=_positive_int, default=3)
     b.add_argument("--cache-dir", help="where random checkpoints are written (default ~/.cache/kleinbild)")
-    b.add_argument("--offload", choices=("none", "model", "sequential"), default="model",
-                   help="kleinbild's memory mode (default: model, as `generate` uses)")
-    b.add_argument("--quant", choices=_QUANT_FORMATS, help="kleinbild's opt-in quantization of the transformer")
+    add_runtime_flags(b, offload="model")
+    b.set_defaults(dtype="bfloat16", device="cpu")
     b.add_argument("--prequantized", action="store_true", help="with --quant: write the quantized transformer once "
                    "(as `kleinbild quantize` does; not timed) and load it, instead of quantizing on every load")
-    b.add_argument("--device", default="cpu", help="cpu (default: one fresh process per run, load included) or an "
-                   "accelerator such as cuda (warm runs in one process; weights made on the device)")
-    b.add_argument("--compile", action="store_true", help="with --device: also time the torch.compile'd engine")
 
+
+def _train_parser(sub: Any) -> None:
     t = sub.add_parser("train", help="train the nano models on the shapes world (CPU-friendly, resumable), or a LoRA "
                        "(train lora --base MODEL --data DIR --out DIR)")
     t.add_argument("stage", choices=["tokenizer", "ae", "base", "distill", "bundle", "all", "lora", "lora-data",
@@ -144,7 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--decoder-only", action="store_true", help="ae: train the decoder alone from --init (the "
                    "encoder and latent statistics stay, so DiTs trained on them stay valid)")
     t.add_argument("--bundle-to", help="bundle: destination folder (default: the package's weights/nano)")
-    lo = t.add_argument_group("LoRA (stages lora, lora-data, lora-eval)")
+    t.add_argument("--device", help="lora, base, distill: cpu, cuda, ... (default: lora the best available, "
+                   "base and distill the CPU)")
+    _lora_training_flags(t.add_argument_group("LoRA (stages lora, lora-data, lora-eval)"))
+
+
+def _lora_training_flags(lo: Any) -> None:
     lo.add_argument("--base", default="nano-base", help="lora: the model to adapt (default: nano-base)")
     lo.add_argument("--data", help="lora: folder of images with NAME.txt captions, or a metadata.jsonl; "
                     "lora-data: where to write the concept examples")
@@ -164,30 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "examples (prior preservation: unrelated prompts stay as they were)")
     lo.add_argument("--prior-images", choices=["render", "model"], default="render",
                     help="lora-data: prior images drawn by the world's renderer (default), or generated by --base "
-                    "(DreamBooth's way; measured no better here, see the README)")
-    lo.add_argument("--device", help="lora, base, distill: cpu, cuda, ... (default: lora the best available, "
-                    "base and distill the CPU)")
+                    "(DreamBooth's way; measured no better here, see docs/lora.md)")
 
+
+def _eval_parser(sub: Any) -> None:
     e = sub.add_parser("eval", help="score a model with the shapes-world analyser on held-out prompts")
-    e.add_argument("--model", "-m", default="nano")
+    add_model_flags(e, default="nano")
     e.add_argument("--n", type=_positive_int, default=50, help="examples per task")
     e.add_argument("--tasks", default="single,double,edit,compose,held_out")
     e.add_argument("--steps", type=_positive_int)
     e.add_argument("--seed", type=_seed, default=0)
-    e.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
-    e.add_argument("--device")
     e.add_argument("--grid", help="write a PNG grid of prompts and outputs here")
     e.add_argument("--json", action="store_true")
-    _add_model_extras(e)
 
+
+def _serve_parser(sub: Any) -> None:
     v = sub.add_parser("serve", help="HTTP server: OpenAI-compatible images API, async jobs with progress, playground")
-    v.add_argument("--model", "-m", default=os.environ.get("KLEINBILD_MODEL", "nano"),
-                   help="as for generate (default: $KLEINBILD_MODEL, else the bundled nano model)")
-    v.add_argument("--vae", help="autoencoder for a single-file model")
-    v.add_argument("--text-encoder", help="text encoder for a single-file model")
-    v.add_argument("--preset", help="sampling behaviour for a single file with an unofficial name")
-    v.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
-    v.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    add_model_flags(v, default=_default_model())
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     v.add_argument("--port", type=_int_at_least(0, "port"), default=8000)
     v.add_argument("--api-key", action="append", default=[],
@@ -211,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cache-size", type=_int_at_least(0, "cache size"), default=32,
                    help="prompt embeddings and reference latents kept, each (0: no caching)")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    _add_model_extras(v)
 
+
+def _quantize_parser(sub: Any) -> None:
     q = sub.add_parser("quantize", help="write a transformer as a quantized single file (fp8, nvfp4, int8), or "
                        "measure weight memory (--report) and image quality (--quality)")
     q.add_argument("model", nargs="?", help="the bf16 transformer: official or diffusers .safetensors, diffusers "
@@ -226,7 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--matmul", action="store_true", help="per-format matmul error and time of one klein-4b layer "
                    "(3072 -> 9216) on this machine")
     q.add_argument("--device")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kleinbild", description="Run the FLUX.2 [klein] image models.")
+    parser.add_argument("--version", action="version", version=f"kleinbild {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    sub.add_parser("models", help="list the presets and where each is available locally")
+    _bench_parser(sub)
+    _train_parser(sub)
+    _eval_parser(sub)
+    _serve_parser(sub)
+    _quantize_parser(sub)
     return parser
+
+
+# ---------------------------------------------------------------- generate
 
 
 def _progress(quiet: bool):
@@ -253,75 +297,175 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
 
 
-def save_png(image, path: Path, settings: dict, index: int) -> None:
-    from PIL import PngImagePlugin
+def png_settings(result: GenerationResult, index: int, image_paths: list[str]) -> dict[str, Any]:
+    """What the PNG of image `index` records: enough to make it again (`kleinbild generate --from`)."""
+    meta = result.image_settings(index)
+    for ref, path in zip(meta["references"], image_paths, strict=True):
+        ref["path"] = str(Path(path).resolve())
+    meta.update(index=index, software=f"kleinbild {__version__}")
+    return meta
 
-    info = PngImagePlugin.PngInfo()
-    meta = {k: settings.get(k) for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height")}
-    meta.update(model=settings.get("source") or settings.get("model"), index=index, software=f"kleinbild {__version__}")
-    for k, v in meta.items():
-        if v is not None:
-            info.add_text(k, str(v))
-    info.add_text("kleinbild", json.dumps(meta))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
+
+def _from_png(args: argparse.Namespace) -> dict[str, Any]:
+    """Fill what the flags leave open from a kleinbild PNG's settings (flags win)."""
+    from kleinbild.images import read_png_settings
+
+    s = read_png_settings(args.from_png)
+    for name in ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "dtype", "quant"):
+        if getattr(args, name, None) is None and s.get(name) is not None:
+            setattr(args, name, s[name])
+    if args.model is None:
+        args.model = s.get("model")
+    if not args.image:
+        missing = [i for i, r in enumerate(s.get("references", [])) if not r.get("path")]
+        if missing:
+            raise ValueError(f"{args.from_png} was made from references it does not name; pass them with --image")
+        args.image = [r["path"] for r in s.get("references", [])]
+    if not args.lora:
+        args.lora = [f"{x['source']}:{x['scale']}" for x in s.get("loras") or [] if x.get("source")]
+    return s
+
+
+def _check_references(original: dict[str, Any], digests: tuple[str, ...]) -> None:
+    made_from = [r.get("digest") for r in original.get("references", [])]
+    if made_from and list(digests) != made_from:
+        sys.stderr.write("warning: the references differ from the ones this image was made from; the result will "
+                         "differ too\n")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from kleinbild.pipeline import KleinPipeline
 
-    if not args.model:
-        raise ValueError("no model given: pass --model (a folder, a .safetensors file, a preset or a repo id)")
+    original = _from_png(args) if args.from_png else None
+    if args.prompt is None:
+        raise ValueError("give a prompt (or --from PNG to make an image again)")
+    args.model = args.model or _default_model()
     paths = output_paths(args.out, args.num_images)
     t0 = time.perf_counter()
-    pipe = KleinPipeline.from_pretrained(
-        args.model,
-        vae=args.vae,
-        text_encoder=args.text_encoder,
-        preset=args.preset,
-        device=args.device,
-        dtype=args.dtype,
-        quant=args.quant,
-        loras=args.lora,
-        fuse_loras=args.fuse_lora,
-        offload_mode=args.offload,
-        compile=args.compile,
-    )
+    pipe = KleinPipeline.from_pretrained(args.model, load_options(args))
     if not args.quiet:
         sys.stderr.write(f"loaded {pipe.preset.name} on {pipe.device} ({time.perf_counter() - t0:.1f}s)\n")
-    result = pipe.generate(
-        args.prompt,
-        args.image or None,
-        width=args.width,
-        height=args.height,
-        steps=args.steps,
-        guidance=args.guidance,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
-        num_images=args.num_images,
-        callback=_progress(args.quiet),
-    )
+    req = pipe.request(args.prompt, args.image or None, width=args.width, height=args.height, steps=args.steps,
+                       guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
+                       num_images=args.num_images)
+    if original is not None:
+        _check_references(original, req.reference_digests)
+    result = pipe.run([req], _progress(args.quiet))[0]
+    _report(pipe, result, paths, args)
+    return 0
+
+
+def _report(pipe: KleinPipeline, result: GenerationResult, paths: list[Path], args: argparse.Namespace) -> None:
+    from kleinbild.images import encode_png
+
     for note in result.settings["notes"]:
         sys.stderr.write(f"note: {note}\n")
     for i, (img, path) in enumerate(zip(result.images, paths, strict=True)):
-        save_png(img, path, result.settings, i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_png(img, png_settings(result, i, args.image)))
         print(path)
     if args.json:
         print(json.dumps(result.settings))
     elif not args.quiet:
         s = result.settings
-        sys.stderr.write(f"seed {s['seed']}, {s['width']}x{s['height']}, {s['steps']} steps, {s['seconds']:.2f}s\n")
+        seeds = s["seeds"]
+        which = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}..{seeds[-1]}"
+        sys.stderr.write(f"{which}, {s['width']}x{s['height']}, {s['steps']} steps, {s['seconds']:.2f}s\n")
+
+
+# ---------------------------------------------------------------- the other commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from kleinbild.config import get_preset
+    from kleinbild.nano import distill, train
+
+    run = Path(args.run)
+    base = get_preset("nano-base")
+
+    def with_overrides(cfg):
+        given = (("steps", args.steps), ("batch", args.batch), ("chunks", args.chunks), ("lr", args.lr),
+                 ("stop_at", args.stop_at), ("device", args.device), ("workers", args.workers),
+                 ("init", args.init), ("decoder_only", args.decoder_only), ("mix", args.mix),
+                 ("image_guidance", args.image_guidance), ("on_policy", args.on_policy))
+        over = {k: v for k, v in given if v is not None}  # 0 is a value (and refused by the stage), not absent
+        over = {k: v for k, v in over.items() if k in {f.name for f in dataclasses.fields(cfg)}}
+        return dataclasses.replace(cfg, seed=args.seed, **over)
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+
+    if args.stage.startswith("lora"):
+        return _train_lora(args)
+    stages = ["tokenizer", "ae", "base", "distill", "bundle"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        if stage == "tokenizer":
+            train.train_tokenizer(run / "tokenizer", seed=args.seed, say=say)
+        elif stage == "ae":
+            train.train_autoencoder(run, base, with_overrides(train.AEArgs()), say=say)
+        elif stage == "base":
+            train.train_base(run, base, with_overrides(train.FlowArgs()), say=say)
+        elif stage == "distill":
+            distill.train_distill(run, base, with_overrides(distill.DistillArgs()), say=say)
+        elif stage == "bundle":
+            train.export_bundle(run, Path(args.bundle_to) if args.bundle_to else None, say=say)
+    return 0
+
+
+def _train_lora(args: argparse.Namespace) -> int:
+    from kleinbild import train_lora as tl
+    from kleinbild.loading import LoadOptions
+    from kleinbild.nano import concepts
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+
+    if args.stage == "lora-data":
+        if not args.data:
+            raise ValueError("lora-data needs --data DIR: where to write the concept examples")
+        prior_pipe = None
+        if args.prior_images == "model" and args.prior:
+            from kleinbild.pipeline import KleinPipeline
+
+            prior_pipe = KleinPipeline.from_pretrained(args.base, LoadOptions(device=args.device))
+        folder = concepts.make_concept_data(Path(args.data), args.concept, n=args.n, seed=args.seed, prior=args.prior,
+                                      prior_pipe=prior_pipe)
+        print(folder)
+        return 0
+    if args.stage == "lora-eval":
+        from kleinbild.pipeline import KleinPipeline
+
+        if not args.lora:
+            raise ValueError("lora-eval needs --lora FILE (the trained adapter)")
+        pipe = KleinPipeline.from_pretrained(args.base, LoadOptions(device=args.device, loras=(args.lora,)))
+        report = concepts.concept_eval(pipe, args.concept, n=args.n, seed=1000 + args.seed)
+        print(json.dumps(report, indent=2))
+        return 0
+    if not args.data or not args.out:
+        raise ValueError("train lora needs --data DIR (captioned images) and --out DIR")
+    fields = dict(rank=args.rank, alpha=args.alpha, lr=args.lr or 5e-4, targets=args.targets, size=args.size,
+                  save_every=args.save_every, sample_prompt=args.sample_prompt, seed=args.seed)
+    if args.caption_dropout is not None:
+        fields["caption_dropout"] = args.caption_dropout
+    if args.steps:
+        fields["steps"] = args.steps
+    if args.batch:
+        fields["batch"] = args.batch
+    tl.train_lora(args.base, Path(args.data), Path(args.out), tl.LoraArgs(**fields), say=say,
+                  load_options=LoadOptions(device=args.device))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kleinbild.bench.cpu import cpu as bench
+    from kleinbild.bench import cpu as bench
 
     if not args.random_weights:
         raise ValueError("kleinbild bench measures random full-size weights for now: pass --random-weights")
     if args.device != "cpu":
-        from kleinbild.bench.cpu import device as bench_device
-        from kleinbild.pipeline import pick_device
+        from kleinbild.bench import device as bench_device
+        from kleinbild.loading import pick_device
 
         dev = pick_device(args.device)
         modes = ("model", "sequential") if args.offload == "model" else (() if args.offload == "none" else
@@ -353,51 +497,11 @@ def cmd_models() -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from kleinbild.config import get_preset
-    from kleinbild.nano import train
-
-    run = Path(args.run)
-    base = get_preset("nano-base")
-
-    def with_overrides(cfg):
-        given = (("steps", args.steps), ("batch", args.batch), ("chunks", args.chunks), ("lr", args.lr),
-                 ("stop_at", args.stop_at), ("device", args.device), ("workers", args.workers),
-                 ("init", args.init), ("decoder_only", args.decoder_only), ("mix", args.mix),
-                 ("image_guidance", args.image_guidance), ("on_policy", args.on_policy))
-        over = {k: v for k, v in given if v is not None}  # 0 is a value (and refused by the stage), not absent
-        over = {k: v for k, v in over.items() if k in {f.name for f in dataclasses.fields(cfg)}}
-        return dataclasses.replace(cfg, seed=args.seed, **over)
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-
-    if args.stage.startswith("lora"):
-        return _train_lora(args)
-    stages = ["tokenizer", "ae", "base", "distill", "bundle"] if args.stage == "all" else [args.stage]
-    for stage in stages:
-        if stage == "tokenizer":
-            train.train_tokenizer(run / "tokenizer", seed=args.seed, say=say)
-        elif stage == "ae":
-            train.train_autoencoder(run, base, with_overrides(train.AEArgs()), say=say)
-        elif stage == "base":
-            train.train_base(run, base, with_overrides(train.FlowArgs()), say=say)
-        elif stage == "distill":
-            train.train_distill(run, base, with_overrides(train.DistillArgs()), say=say)
-        elif stage == "bundle":
-            train.export_bundle(run, Path(args.bundle_to) if args.bundle_to else None, say=say)
-    return 0
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from kleinbild.nano.evaluate import evaluate, format_table, save_grid
     from kleinbild.pipeline import KleinPipeline
 
-    pipe = KleinPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-                                         loras=args.lora, fuse_loras=args.fuse_lora, offload_mode=args.offload,
-                                         compile=args.compile)
+    pipe = KleinPipeline.from_pretrained(args.model, load_options(args))
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     report = evaluate(pipe, tasks, n=args.n, seed=args.seed, steps=args.steps)
     print(format_table(report))
@@ -410,80 +514,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kleinbild.serve.app import ServerSettings, api_keys_from_env, serve
+    from kleinbild.serve import ServerSettings, api_keys_from_env, serve
 
     keys = tuple(dict.fromkeys([*args.api_key, *api_keys_from_env()]))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not keys:
         sys.stderr.write(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it\n")
     settings = ServerSettings(
-        api_keys=keys,
-        cors_origins=tuple(args.cors_origin),
-        max_pixels=args.max_pixels,
-        max_n=args.max_n,
-        max_images=args.max_images,
-        max_upload_bytes=args.max_upload_bytes,
-        max_image_pixels=args.max_image_pixels,
-        max_steps=args.max_steps,
-        max_queue=args.max_queue,
-        max_batch=args.max_batch,
-        output_dir=args.output_dir,
-        ttl=float(args.ttl),
-        preview_every=args.preview_every,
-        prompt_cache=args.cache_size,
+        api_keys=keys, cors_origins=tuple(args.cors_origin), max_pixels=args.max_pixels, max_n=args.max_n,
+        max_images=args.max_images, max_upload_bytes=args.max_upload_bytes, max_image_pixels=args.max_image_pixels,
+        max_steps=args.max_steps, max_queue=args.max_queue, max_batch=args.max_batch, output_dir=args.output_dir,
+        ttl=float(args.ttl), preview_every=args.preview_every, prompt_cache=args.cache_size,
         reference_cache=args.cache_size,
     )
-    load = dict(vae=args.vae, text_encoder=args.text_encoder, preset=args.preset, device=args.device, dtype=args.dtype,
-                quant=args.quant, loras=args.lora, fuse_loras=args.fuse_lora, offload_mode=args.offload,
-                compile=args.compile)
     logging.getLogger("kleinbild").setLevel(args.log_level.upper())
-    return serve(args.model, host=args.host, port=args.port, settings=settings, load_options=load,
+    return serve(args.model, host=args.host, port=args.port, settings=settings, load_options=load_options(args),
                  log_level=args.log_level)
 
 
-def _train_lora(args: argparse.Namespace) -> int:
-    from kleinbild import train_lora as tl
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-
-    if args.stage == "lora-data":
-        if not args.data:
-            raise ValueError("lora-data needs --data DIR: where to write the concept examples")
-        prior_pipe = None
-        if args.prior_images == "model" and args.prior:
-            from kleinbild.pipeline import KleinPipeline
-
-            prior_pipe = KleinPipeline.from_pretrained(args.base, device=args.device)
-        folder = tl.make_concept_data(Path(args.data), args.concept, n=args.n, seed=args.seed, prior=args.prior,
-                                      prior_pipe=prior_pipe)
-        print(folder)
-        return 0
-    if args.stage == "lora-eval":
-        from kleinbild.pipeline import KleinPipeline
-
-        if not args.lora:
-            raise ValueError("lora-eval needs --lora FILE (the trained adapter)")
-        pipe = KleinPipeline.from_pretrained(args.base, device=args.device, loras=[args.lora])
-        report = tl.concept_eval(pipe, args.concept, n=args.n, seed=1000 + args.seed)
-        print(json.dumps(report, indent=2))
-        return 0
-    if not args.data or not args.out:
-        raise ValueError("train lora needs --data DIR (captioned images) and --out DIR")
-    fields = dict(rank=args.rank, alpha=args.alpha, lr=args.lr or 5e-4, targets=args.targets, size=args.size,
-                  save_every=args.save_every, sample_prompt=args.sample_prompt, seed=args.seed)
-    if args.caption_dropout is not None:
-        fields["caption_dropout"] = args.caption_dropout
-    if args.steps:
-        fields["steps"] = args.steps
-    if args.batch:
-        fields["batch"] = args.batch
-    tl.train_lora(args.base, Path(args.data), Path(args.out), tl.LoraArgs(**fields), say=say,
-                  load_options={"device": args.device} if args.device else None)
-    return 0
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from kleinbild import quant
+    from kleinbild import quant, quantize
 
     if args.matmul:
         print(json.dumps(quant.matmul_report()))
@@ -491,10 +540,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if not args.model:
         raise ValueError("give the model to quantize: kleinbild quantize MODEL [OUT] --format fp8|nvfp4|int8")
     if args.quality:
-        print(json.dumps(quant.quality_report(args.model, n=args.quality, device=args.device)))
+        from kleinbild.nano.quality import quality_report
+
+        print(json.dumps(quality_report(args.model, n=args.quality, device=args.device)))
         return 0
     if args.report:
-        print(json.dumps(quant.memory_report(args.model)))
+        print(json.dumps(quantize.memory_report(args.model)))
         return 0
     out = args.out
     if out is None:
@@ -502,32 +553,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if not src.is_file():
             raise ValueError("give the output file: kleinbild quantize MODEL OUT.safetensors --format ...")
         out = src.with_name(f"{src.stem}-{args.format}.safetensors")
-    res = quant.quantize_file(args.model, Path(out), args.format)
+    res = quantize.quantize_file(args.model, Path(out), args.format)
     print(out)
     sys.stderr.write(f"{res['layers']} layers as {res['format']}, {res['bytes'] / 2**20:.1f} MiB, "
                      f"{res['seconds']:.1f}s\n")
     return 0
 
 
+def _commands() -> dict[str, Any]:
+    return {"generate": cmd_generate, "models": lambda _args: cmd_models(), "bench": cmd_bench,
+            "train": cmd_train, "eval": cmd_eval, "serve": cmd_serve, "quantize": cmd_quantize}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    command = _commands().get(args.command)
+    if command is None:
+        parser.error(f"unknown command {args.command!r}")
     try:
-        if args.command == "generate":
-            return cmd_generate(args)
-        if args.command == "models":
-            return cmd_models()
-        if args.command == "bench":
-            return cmd_bench(args)
-        if args.command == "train":
-            return cmd_train(args)
-        if args.command == "eval":
-            return cmd_eval(args)
-        if args.command == "serve":
-            return cmd_serve(args)
-        if args.command == "quantize":
-            return cmd_quantize(args)
+        return command(args)
     except (ValueError, OSError) as e:
         # Our errors name the bad value and the fix; a traceback would only hide that.
         sys.stderr.write(f"error: {e}\n")
@@ -535,8 +581,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
-    parser.error(f"unknown command {args.command!r}")
-    return 2
 
 
 if __name__ == "__main__":

@@ -52,9 +52,9 @@ class GenerationResult:
         content digests), the model, dtype, quantization and LoRAs. What kleinbild writes into each PNG."""
         s = self.settings
         seeds = s.get("seeds") or []
-        keep = ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "model", "source", "dtype",
-                "quant", "loras")
+        keep = ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "dtype", "quant", "loras")
         out = {k: s.get(k) for k in keep}
+        out["model"], out["preset"] = s.get("source") or s.get("model"), s.get("model")
         out["seed"] = seeds[index] if index < len(seeds) else None
         out["num_images"] = 1
         out["references"] = [{"size": size, "digest": digest} for size, digest in
@@ -293,6 +293,10 @@ class KleinPipeline:
         if self.offload != "none" and self._can_reload:
             self._text_encoder = None  # its touched pages go back to the page cache, out of this process
         return out
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """How many tokens of the text encoder's input the prompt fills (chat template included, padding not)."""
+        return int(self.tokenizer.encode([prompt], self.preset.text.max_length)[1].sum())
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[Image.Image]) -> list[Tensor]:

@@ -377,7 +377,7 @@ def run(
             "text_layers": list(p.text.out_layers), "max_text": p.text.max_length, "seed": seed,
             "offload": offload, "quant": quant}
     if quant and prequantized:
-        from kleinbild.quant import quantize_file
+        from kleinbild.quantize import quantize_file
 
         qfile = folder / f"transformer-{quant}.safetensors"
         if not qfile.is_file():  # written once, like `kleinbild quantize`, and not timed

@@ -1,8 +1,8 @@
-"""The server's engine room: jobs, the bounded queue, the one worker thread that owns the pipeline, batching,
-progress previews, output files and metrics. Nothing here knows HTTP; `kleinbild.serve.app` is the shell.
+"""The job worker: jobs, the bounded queue, the one thread that owns the pipeline, batching and progress previews.
+Nothing here knows HTTP.
 
 Threads: the asyncio loop owns every `Job` field that clients read (state, events, results); the worker thread
-only reads a job's spec and its cancel flag and hands everything else back with `loop.call_soon_threadsafe`,
+only reads a job's request and its cancel flag and hands everything else back with `loop.call_soon_threadsafe`,
 so no job needs a lock and events reach subscribers in the order they happened.
 """
 
@@ -11,33 +11,32 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import logging
 import math
 import secrets
-import shutil
-import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image, PngImagePlugin
+from kleinbild import __version__
+from kleinbild.images import InputError
+from kleinbild.serve.metrics import Metrics
+from kleinbild.serve.store import OutputStore, encode_image
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from kleinbild.pipeline import KleinPipeline
+    from kleinbild.pipeline import GenerationResult, KleinPipeline
+    from kleinbild.request import Request
 
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
-MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 class QueueFull(Exception):
@@ -62,29 +61,17 @@ class JobError:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-@dataclass
-class Spec:
-    """A validated request: everything resolved (size, steps, guidance, one seed per image)."""
+@dataclass(frozen=True)
+class Delivery:
+    """How the images go back: the parts of an HTTP request that are not the engine's."""
 
-    prompt: str
-    negative_prompt: str | None
-    refs: list[Image.Image]
-    width: int
-    height: int
-    steps: int
-    guidance: float | None
-    seeds: list[int]
     response_format: str = "b64_json"
     output_format: str = "png"
     output_compression: int = 100
     kind: str = "generation"
-    notes: list[str] = field(default_factory=list)
-    downscale: int = 16  # pixels per latent token side, for usage
+    notes: tuple[str, ...] = ()  # about the HTTP fields (the engine's own notes are the request's)
     previews: bool = False  # only async jobs have someone to show them to; a preview costs a (small) decode
-
-    def batch_key(self) -> tuple:
-        # Mirrors the engine's grouping, so a drained batch is one forward pass per step.
-        return (self.width, self.height, self.steps, self.guidance, tuple(r.size for r in self.refs))
+    downscale: int = 16  # pixels per latent token side, for `usage`
 
 
 @dataclass
@@ -96,7 +83,8 @@ class Output:
 
 @dataclass(eq=False)
 class Job:
-    spec: Spec
+    request: Request
+    delivery: Delivery = field(default_factory=Delivery)
     id: str = field(default_factory=lambda: "job_" + secrets.token_urlsafe(12))
     created: float = field(default_factory=time.time)
     state: str = QUEUED
@@ -119,160 +107,13 @@ class Job:
     def terminal(self) -> bool:
         return self.state in TERMINAL
 
-
-# ---------------------------------------------------------------- metrics
-
-
-class Metrics:
-    """Counters and histograms in the Prometheus text format, written by hand (one process, a few series)."""
-
-    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counters: dict[str, dict[tuple, float]] = {}
-        self._hists: dict[str, dict[tuple, list[float]]] = {}
-        self._help: dict[str, str] = {}
-
-    def describe(self, name: str, text: str) -> None:
-        self._help[name] = text
-
-    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            series = self._counters.setdefault(name, {})
-            series[key] = series.get(key, 0.0) + value
-
-    def observe(self, name: str, value: float, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            series = self._hists.setdefault(name, {})
-            # bucket counts..., sum, count
-            h = series.setdefault(key, [0.0] * (len(self.BUCKETS) + 2))
-            for i, b in enumerate(self.BUCKETS):
-                if value <= b:
-                    h[i] += 1
-            h[-2] += value
-            h[-1] += 1
-
-    def counter(self, name: str, **labels: str) -> float:
-        with self._lock:
-            return self._counters.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
-
-    @staticmethod
-    def _labels(key: tuple, extra: tuple = ()) -> str:
-        items = list(key) + list(extra)
-        if not items:
-            return ""
-        esc = (str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for _, v in items)
-        return "{" + ",".join(f'{k}="{v}"' for (k, _), v in zip(items, esc, strict=True)) + "}"
-
-    def render(self, gauges: dict[str, tuple[str, dict[tuple, float]]],
-               counters: dict[str, tuple[str, dict[tuple, float]]] | None = None) -> str:
-        """The exposition text; `gauges` and `counters` are read from elsewhere at scrape time."""
-        lines: list[str] = []
-        with self._lock:
-            for kind, extra in (("gauge", gauges), ("counter", counters or {})):
-                for name, (help_text, series) in extra.items():
-                    lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-                    lines += [f"{name}{self._labels(k)} {v:g}" for k, v in series.items()]
-            for name, series in sorted(self._counters.items()):
-                lines += [f"# HELP {name} {self._help.get(name, name)}", f"# TYPE {name} counter"]
-                lines += [f"{name}{self._labels(k)} {v:g}" for k, v in sorted(series.items())]
-            for name, series in sorted(self._hists.items()):
-                lines += [f"# HELP {name} {self._help.get(name, name)}", f"# TYPE {name} histogram"]
-                for k, h in sorted(series.items()):
-                    for b, c in zip(self.BUCKETS, h, strict=False):
-                        lines.append(f"{name}_bucket{self._labels(k, (('le', f'{b:g}'),))} {c:g}")
-                    lines.append(f"{name}_bucket{self._labels(k, (('le', '+Inf'),))} {h[-1]:g}")
-                    lines.append(f"{name}_sum{self._labels(k)} {h[-2]:.6f}")
-                    lines.append(f"{name}_count{self._labels(k)} {h[-1]:g}")
-        return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- output files
-
-
-class OutputStore:
-    """Result files under one folder, named by random ids that only this object hands out.
-
-    Lookups go through the id table, never through a path built from a request, so nothing outside the
-    folder can be read. Files expire after `ttl` seconds.
-    """
-
-    def __init__(self, folder: str | Path | None, ttl: float):
-        self.ttl = ttl
-        self._owned = folder is None
-        self.folder = Path(tempfile.mkdtemp(prefix="kleinbild-serve-")) if folder is None else Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._files: dict[str, tuple[Path, str, float]] = {}
-        self._lock = threading.Lock()
-
-    def put(self, data: bytes, fmt: str) -> str:
-        name = f"{secrets.token_urlsafe(18)}.{fmt}"
-        path = self.folder / name
-        path.write_bytes(data)
-        with self._lock:
-            self._files[name] = (path, MEDIA_TYPES[fmt], time.time() + self.ttl)
-        return name
-
-    def get(self, name: str) -> tuple[Path, str, float] | None:
-        with self._lock:
-            item = self._files.get(name)
-        if item is None:
-            return None
-        if item[2] <= time.time():
-            self.drop(name)
-            return None
-        return item
-
-    def drop(self, name: str) -> None:
-        with self._lock:
-            item = self._files.pop(name, None)
-        if item is not None:
-            item[0].unlink(missing_ok=True)
-
-    def purge(self) -> int:
-        now = time.time()
-        with self._lock:
-            old = [n for n, (_, _, exp) in self._files.items() if exp <= now]
-        for n in old:
-            self.drop(n)
-        return len(old)
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    def close(self) -> None:
-        with self._lock:
-            names = list(self._files)
-        for n in names:
-            self.drop(n)
-        if self._owned:
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def encode_image(img: Image.Image, fmt: str, compression: int, meta: dict[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    if fmt == "png":
-        info = PngImagePlugin.PngInfo()
-        for k, v in meta.items():
-            if v is not None:
-                info.add_text(k, str(v))
-        info.add_text("kleinbild", json.dumps(meta))
-        img.save(buf, format="PNG", pnginfo=info)
-    elif fmt == "jpeg":
-        img.convert("RGB").save(buf, format="JPEG", quality=max(1, min(compression, 100)))
-    else:
-        img.save(buf, format="WEBP", quality=max(1, min(compression, 100)))
-    return buf.getvalue()
-
-
-# ---------------------------------------------------------------- the engine
+    @property
+    def n(self) -> int:
+        return self.request.num_images
 
 
 @dataclass
-class EngineLimits:
+class WorkerLimits:
     max_queue: int = 64
     max_batch: int = 8
     preview_every: int = 1
@@ -281,14 +122,14 @@ class EngineLimits:
     max_jobs_kept: int = 1000
 
 
-class Engine:
+class Worker:
     """One worker thread that owns the pipeline, fed by a bounded queue of jobs.
 
-    The worker takes the oldest job and every queued job that can share its forward pass (same size, steps,
-    guidance, reference sizes) up to `max_batch` images, and runs them as one `generate_batch` call.
+    The worker takes the oldest job and every queued job that can share its forward pass (equal
+    `Request.batch_key()`) up to `max_batch` images, and runs them as one `pipe.run` call.
     """
 
-    def __init__(self, limits: EngineLimits, store: OutputStore, metrics: Metrics):
+    def __init__(self, limits: WorkerLimits, store: OutputStore, metrics: Metrics):
         self.limits = limits
         self.store = store
         self.metrics = metrics
@@ -349,7 +190,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return sum(len(j.spec.seeds) for j in self._running)
+        return sum(j.n for j in self._running)
 
     def retry_after(self) -> int:
         batches_ahead = 1 + len(self._pending) / max(1, self.limits.max_batch)
@@ -409,11 +250,15 @@ class Engine:
     def _event(self, job: Job, name: str, data: dict[str, Any] | None) -> None:
         if name == "progress" and job.events and job.events[-1][0] == "progress":
             # Keep every step for late subscribers but only the newest preview, so history stays small.
-            prev = job.events[-1][1]
-            if prev is not None and "preview" in prev:
-                job.events[-1] = ("progress", {k: v for k, v in prev.items() if k != "preview"})
+            self._drop_preview(job)
         job.events.append((name, data))
         job.changed.set()
+
+    @staticmethod
+    def _drop_preview(job: Job) -> None:
+        name, prev = job.events[-1]
+        if name == "progress" and prev is not None and "preview" in prev:
+            job.events[-1] = ("progress", {k: v for k, v in prev.items() if k != "preview"})
 
     def _mark_running(self, job: Job, batch_size: int) -> None:
         if job.terminal or job.state == RUNNING:  # a retry on its own after a failed batch: already said
@@ -435,18 +280,15 @@ class Engine:
     def _finish(self, job: Job, state: str, error: JobError | None, outputs: list[Output] | None = None,
                 settings: dict[str, Any] | None = None) -> None:
         if job.terminal:  # a cancelled job's late result, or a second failure: answered once only
-            if outputs:
-                for o in outputs:
-                    if o.file_id:
-                        self.store.drop(o.file_id)
+            for o in outputs or ():
+                if o.file_id:
+                    self.store.drop(o.file_id)
             return
-        job.state = state
-        job.error = error
-        job.outputs = outputs or []
-        job.settings = settings or {}
+        job.state, job.error = state, error
+        job.outputs, job.settings = outputs or [], settings or {}
         job.finished = time.time()
-        if job.events and job.events[-1][0] == "progress" and job.events[-1][1]:
-            job.events[-1] = ("progress", {k: v for k, v in job.events[-1][1].items() if k != "preview"})
+        if job.events:
+            self._drop_preview(job)
         self._event(job, state, None)
         self.metrics.inc("kleinbild_jobs_total", status=state)
         if state == SUCCEEDED:
@@ -459,16 +301,13 @@ class Engine:
 
     def _take_batch(self) -> list[Job]:
         head = self._pending.popleft()
-        batch, rows = [head], len(head.spec.seeds)
-        key = head.spec.batch_key()
+        batch, rows = [head], head.n
+        key = head.request.batch_key()
         for job in list(self._pending):
-            n = len(job.spec.seeds)
-            if rows + n > self.limits.max_batch:
-                continue
-            if job.spec.batch_key() == key:
+            if rows + job.n <= self.limits.max_batch and job.request.batch_key() == key:
                 self._pending.remove(job)
                 batch.append(job)
-                rows += n
+                rows += job.n
         return batch
 
     def _work(self) -> None:
@@ -491,13 +330,12 @@ class Engine:
                     self._running = []
 
     def _run(self, batch: list[Job]) -> None:
-        from kleinbild.images import InputError
         from kleinbild.pipeline import GenerationCancelled
 
         live = [j for j in batch if not j.cancel.is_set()]
         if not live:
             return
-        rows = sum(len(j.spec.seeds) for j in live)
+        rows = sum(j.n for j in live)
         now = time.perf_counter()
         for job in live:
             self.metrics.observe("kleinbild_stage_seconds", now - job.enqueued_at, stage="queue")
@@ -508,74 +346,64 @@ class Engine:
         except GenerationCancelled:
             return  # every job of the batch was cancelled; each was answered when it was
         except Exception as e:
-            if len(live) > 1:
-                # One bad request must not fail its batchmates: run each on its own.
-                log.warning("batch of %d jobs failed (%s); running them one by one", len(live), e)
-                for job in live:
-                    self._run([job])
-                return
-            job = live[0]
-            if isinstance(e, InputError):
-                err = JobError(400, str(e), type="invalid_request_error", code="invalid_value")
-            else:
-                log.exception("job %s failed in the engine", job.id)
-                err = JobError(500, f"the engine failed: {type(e).__name__}: {e}", code="engine_error")
-            self._post(self._finish, job, FAILED, err)
+            self._failed(live, e)
             return
-        elapsed = time.perf_counter() - t0
-        self._job_seconds = 0.8 * self._job_seconds + 0.2 * elapsed
+        self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.perf_counter() - t0)
         self.metrics.inc("kleinbild_batches_total")
         self.metrics.observe("kleinbild_batch_images", rows)
-        timings = results[0].settings.get("timings", {})
+        timings = results[0][0].settings.get("timings", {})
         for stage in ("text", "references", "denoise", "decode"):
             if stage in timings:
                 self.metrics.observe("kleinbild_stage_seconds", timings[stage], stage=stage)
-        at = 0
-        for job in live:
-            n = len(job.spec.seeds)
-            self._encoder.submit(self._deliver, job, results[at : at + n], self._text_tokens(job.spec.prompt))
-            at += n
+        for job, res in zip(live, results, strict=True):
+            self._encoder.submit(self._deliver, job, res, self._text_tokens(job.request.prompt))
+
+    def _failed(self, live: list[Job], e: Exception) -> None:
+        if len(live) > 1:
+            # One bad request must not fail its batchmates: run each on its own.
+            log.warning("batch of %d jobs failed (%s); running them one by one", len(live), e)
+            for job in live:
+                self._run([job])
+            return
+        job = live[0]
+        if isinstance(e, InputError):
+            err = JobError(400, str(e), type="invalid_request_error", code="invalid_value")
+        else:
+            log.exception("job %s failed in the engine", job.id)
+            err = JobError(500, f"the engine failed: {type(e).__name__}: {e}", code="engine_error")
+        self._post(self._finish, job, FAILED, err)
 
     def _text_tokens(self, prompt: str) -> int:
         """Prompt tokens for `usage` (worker thread: the tokenizer keeps padding state and is not shareable)."""
-        pipe = self.pipe
-        assert pipe is not None
+        assert self.pipe is not None
         try:
-            return int(pipe.tokenizer.encode([prompt], pipe.preset.text.max_length)[1].sum())
+            return int(self.pipe.prompt_tokens(prompt))
         except Exception:  # usage is informative; never fail a finished job over it
             return 0
 
-    def _generate(self, jobs: list[Job]) -> list:
+    def _generate(self, jobs: list[Job]) -> list[list[GenerationResult]]:
+        """Each job's results: one for a batch of jobs; one per chunk for a lone job larger than `max_batch`
+        (by the seed rule the chunks make the same images as the whole)."""
         from kleinbild.pipeline import GenerationCancelled
 
         pipe = self.pipe
         assert pipe is not None
-        size = self.limits.max_batch
-        # Batches never mix jobs past max_batch images, so only a lone job with n > max_batch is split; its
-        # progress then counts over all of its chunks.
-        chunks = max(1, math.ceil(sum(len(j.spec.seeds) for j in jobs) / size)) if len(jobs) == 1 else 1
-        requests = []
-        for job in jobs:
-            s = job.spec
-            for k, seed in enumerate(s.seeds):
-                first_of_chunk = k % size == 0 if chunks > 1 else k == 0
-                requests.append(dict(
-                    prompt=s.prompt, images=s.refs, width=s.width, height=s.height, steps=s.steps,
-                    guidance=s.guidance, negative_prompt=s.negative_prompt, seed=seed,
-                    callback=self._progress_callback(job, (k // size) * s.steps, chunks * s.steps)
-                    if first_of_chunk else None,
-                ))
 
         def all_cancelled(_step: int, _total: int, _latent: Tensor) -> None:
             if all(j.cancel.is_set() for j in jobs):
                 raise GenerationCancelled()
 
-        if chunks == 1:
-            return pipe.generate_batch(requests, callback=all_cancelled)
+        if len(jobs) > 1 or jobs[0].n <= self.limits.max_batch:
+            callbacks = [self._progress_callback(j) for j in jobs]
+            return [[r] for r in pipe.run([j.request for j in jobs], all_cancelled, callbacks)]
+        job = jobs[0]
+        chunks = job.request.split(self.limits.max_batch)
+        overall = len(chunks) * job.request.steps
         out = []
-        for i in range(0, len(requests), size):
-            out += pipe.generate_batch(requests[i : i + size], callback=all_cancelled)
-        return out
+        for k, chunk in enumerate(chunks):
+            cb = self._progress_callback(job, k * job.request.steps, overall)
+            out += pipe.run([chunk], all_cancelled, [cb])
+        return [out]
 
     def _progress_callback(self, job: Job, offset: int = 0, overall: int | None = None
                            ) -> Callable[[int, int, Tensor], None]:
@@ -586,7 +414,7 @@ class Engine:
                 return
             done, of = offset + step, overall or total
             preview = None
-            if job.spec.previews and every > 0 and (done % every == 0 or done == of):
+            if job.delivery.previews and every > 0 and (done % every == 0 or done == of):
                 t0 = time.perf_counter()
                 preview = self._preview(latent[:1])
                 self.metrics.observe("kleinbild_stage_seconds", time.perf_counter() - t0, stage="preview")
@@ -616,37 +444,38 @@ class Engine:
         img.save(buf, format="JPEG", quality=70)
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
-    def _deliver(self, job: Job, results: list, text_tokens: int) -> None:
+    def _deliver(self, job: Job, results: list[GenerationResult], text_tokens: int) -> None:
         """Encode a job's images (on the encoder thread, so the worker can start the next batch) and finish it."""
         try:
             t0 = time.perf_counter()
-            s = job.spec
+            d = job.delivery
             outputs = []
-            settings = dict(results[0].settings)
             for res in results:
-                st = res.settings
-                meta = {
-                    "prompt": st["prompt"], "negative_prompt": st["negative_prompt"], "seed": st["seed"],
-                    "steps": st["steps"], "guidance": st["guidance"], "width": st["width"], "height": st["height"],
-                    "model": st.get("source") or st.get("model"),
-                }
-                data = encode_image(res.images[0], s.output_format, s.output_compression, meta)
-                out = Output(data, st["seed"])
-                if s.response_format == "url":
-                    out.file_id = self.store.put(data, s.output_format)
-                    out.data = b""  # on disk now; the job is kept for its TTL and need not hold it twice
-                outputs.append(out)
-            cache: dict[str, float] = {}
-            for res in results:
-                for k, v in res.settings.get("cache", {}).items():
-                    cache[k] = round(cache.get(k, 0) + v, 4)
-            settings["cache"] = cache
-            settings["notes"] = list(dict.fromkeys(s.notes + settings.get("notes", [])))
-            settings["seeds"] = [o.seed for o in outputs]
-            settings["text_tokens"] = text_tokens
+                for i, img in enumerate(res.images):
+                    meta = {**res.image_settings(i), "software": f"kleinbild {__version__}"}
+                    out = Output(encode_image(img, d.output_format, d.output_compression, meta), meta["seed"])
+                    if d.response_format == "url":
+                        out.file_id = self.store.put(out.data, d.output_format)
+                        out.data = b""  # on disk now; the job is kept for its TTL and need not hold it twice
+                    outputs.append(out)
+            settings = _merged_settings(results, d, text_tokens)
             self.metrics.observe("kleinbild_stage_seconds", time.perf_counter() - t0, stage="encode_output")
             self._post(self._finish, job, SUCCEEDED, None, outputs, settings)
         except Exception as e:
             log.exception("job %s: encoding the result failed", job.id)
             err = JobError(500, f"encoding the result failed: {e}", code="encode_error")
             self._post(self._finish, job, FAILED, err)
+
+
+def _merged_settings(results: list[GenerationResult], delivery: Delivery, text_tokens: int) -> dict[str, Any]:
+    """One job's settings from its chunks' results: cache counts summed, seeds in order, HTTP notes added."""
+    settings = dict(results[0].settings)
+    cache: dict[str, float] = {}
+    for res in results:
+        for k, v in res.settings.get("cache", {}).items():
+            cache[k] = round(cache.get(k, 0) + v, 4)
+    settings["cache"] = cache
+    settings["seeds"] = [s for res in results for s in res.settings.get("seeds", [])]
+    settings["notes"] = list(settings.get("notes", [])) + list(delivery.notes)
+    settings["text_tokens"] = text_tokens
+    return settings

@@ -1,0 +1,148 @@
+"""ASGI middleware: API keys and the body size limit before anything is parsed, and request metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+from kleinbild.serve.metrics import Metrics
+from kleinbild.serve.settings import ServerSettings
+
+ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
+
+
+async def _send_json(send: Callable[[dict], Awaitable[None]], status: int, body: dict,
+                     headers: Mapping[str, str] | None = None) -> None:
+    raw = json.dumps(body).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    hdrs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": raw})
+
+
+def _error_body(message: str, code: str, param: str | None = None, type: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class Guard:
+    """API keys (before any body is read) and the body size limit, as plain ASGI so nothing oversized is parsed.
+
+    The body is read here, up to the limit, and replayed to the app; after it, `receive` is the server's
+    again, so disconnects still reach the handlers.
+    """
+
+    def __init__(self, app: ASGIApp, settings: ServerSettings):
+        self.app = app
+        self.limit = settings.max_upload_bytes
+        # Digests, so the comparison time depends on neither the key's content nor its length.
+        self.keys = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
+
+    def _needs_key(self, path: str) -> bool:
+        # /v1/files/ are capability URLs (unguessable ids) so <img src> works without headers.
+        api = path.startswith("/v1/") and not path.startswith("/v1/files/")
+        return bool(self.keys) and (path == "/metrics" or api)
+
+    def _authorised(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        given = b""
+        for k, v in headers:
+            if k == b"authorization":
+                given = v
+        scheme, _, token = given.decode("latin-1").partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        ok = False
+        for key in self.keys:  # no early exit: the time does not say which key (if any) matched
+            ok |= hmac.compare_digest(digest, key)
+        return ok and scheme.lower() == "bearer"
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        if self._needs_key(scope["path"]) and not self._authorised(scope["headers"]):
+            await _send_json(send, 401, _error_body(
+                "missing or wrong API key; send 'Authorization: Bearer <key>'", "invalid_api_key"),
+                {"WWW-Authenticate": "Bearer"})
+            return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                await _send_json(send, 400, _error_body("bad Content-Length", "invalid_request"))
+                return
+            if declared > self.limit:
+                await _send_json(send, 413, _error_body(
+                    f"the body is {declared} bytes; at most {self.limit} are accepted", "request_too_large"))
+                return
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await _send_json(send, 413, _error_body(
+                    f"the body is over {self.limit} bytes, the most accepted", "request_too_large"))
+                return
+            if not msg.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _route_label(path: str) -> str:
+    """Bounded label values: ids collapse into their route."""
+    if path.startswith("/v1/jobs/"):
+        return "/v1/jobs/{id}/events" if path.endswith("/events") else "/v1/jobs/{id}"
+    if path.startswith("/v1/files/"):
+        return "/v1/files/{name}"
+    if path in ("/", "/health", "/metrics", "/v1/models", "/v1/images/generations", "/v1/images/edits", "/v1/jobs"):
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
+    return "other"
+
+
+class Observe:
+    """Counts every request by route and status, whatever answered it (guards, handlers, errors)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        t0 = time.perf_counter()
+
+        async def watch(msg: dict) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            route = _route_label(scope["path"])
+            self.metrics.inc("kleinbild_http_requests_total", method=scope["method"], route=route, status=str(status))
+            if not route.endswith("/events"):
+                self.metrics.observe("kleinbild_http_request_seconds", time.perf_counter() - t0, route=route)

@@ -1,0 +1,31 @@
+"""The server's limits and policies, one `kleinbild serve` flag each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kleinbild.images import MAX_PIXELS
+
+
+@dataclass
+class ServerSettings:
+    """Limits and policies; every field is a `kleinbild serve` flag."""
+
+    api_keys: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    max_pixels: int = MAX_PIXELS  # output width * height
+    max_n: int = 8
+    max_images: int = 4  # reference images per request
+    max_upload_bytes: int = 32 * 2**20  # whole request body
+    max_image_pixels: int = 4096 * 4096  # one uploaded image, before the engine downsizes it
+    max_steps: int = 100
+    max_prompt_chars: int = 32000
+    max_queue: int = 64
+    max_batch: int = 8
+    output_dir: str | None = None
+    ttl: float = 3600.0  # seconds that finished jobs and url results are kept
+    preview_every: int = 1  # steps between previews; 0: none
+    preview_px: int = 256
+    prompt_cache: int = 32
+    reference_cache: int = 32
+    model_id: str | None = None
