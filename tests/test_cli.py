@@ -86,3 +86,54 @@ def test_missing_model_and_unknown_preset(tmp_path, capsys, monkeypatch):
     assert "holds no model" in capsys.readouterr().err
     assert main(["generate", "x", "-m", "klein-7b"]) == 2
     assert "klein-4b" in capsys.readouterr().err
+
+
+def _diff(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(np.asarray(a.convert("RGB"), np.int16) - np.asarray(b.convert("RGB"), np.int16)).max())
+
+
+def test_image_i_of_a_batch_is_seed_plus_i_and_its_png_makes_it_again(model_dir, tmp_path, capsys):
+    common = ["-m", model_dir, "--dtype", "float32", "--device", "cpu", "-W", "64", "-H", "64", "-q"]
+    assert main(["generate", "a red circle", "-n", "3", "--seed", "7", "-o", str(tmp_path / "b.png"), *common]) == 0
+    assert main(["generate", "a red circle", "--seed", "9", "-o", str(tmp_path / "nine.png"), *common]) == 0
+    capsys.readouterr()
+    third, nine = Image.open(tmp_path / "b-2.png"), Image.open(tmp_path / "nine.png")
+    meta = json.loads(third.text["kleinbild"])
+    assert third.text["seed"] == "9" and meta["seed"] == 9 and meta["num_images"] == 1 and meta["index"] == 2
+    assert [json.loads(Image.open(tmp_path / f"b-{i}.png").text["kleinbild"])["seed"] for i in range(3)] == [7, 8, 9]
+    # The same noise, bit for bit; a batch of three rounds its float32 matmuls a little differently than one.
+    assert _diff(third, nine) <= 1
+    # Made again from its metadata alone: no prompt, model, seed or size on the command line.
+    assert main(["generate", "--from", str(tmp_path / "b-2.png"), "-o", str(tmp_path / "again.png"), "-q"]) == 0
+    again = Image.open(tmp_path / "again.png")
+    assert _diff(again, nine) == 0 and json.loads(again.text["kleinbild"]) | {"index": 2} == meta
+    # Flags beside --from win.
+    assert main(["generate", "--from", str(tmp_path / "b-2.png"), "--seed", "7", "-o", str(tmp_path / "s7.png"),
+                 "-q"]) == 0
+    assert _diff(Image.open(tmp_path / "s7.png"), Image.open(tmp_path / "b-0.png")) <= 1
+
+
+def test_from_png_reuses_the_references_and_warns_when_they_changed(model_dir, tmp_path, capsys):
+    src = tmp_path / "src.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(src)
+    common = ["--dtype", "float32", "--device", "cpu", "-q"]
+    assert main(["generate", "make it blue", "-m", model_dir, "--image", str(src), "--seed", "4",
+                 "-o", str(tmp_path / "edit.png"), *common]) == 0
+    meta = json.loads(Image.open(tmp_path / "edit.png").text["kleinbild"])
+    assert meta["references"][0]["path"] == str(src.resolve()) and meta["references"][0]["size"] == [64, 64]
+    assert len(meta["references"][0]["digest"]) == 40
+    assert main(["generate", "--from", str(tmp_path / "edit.png"), "-o", str(tmp_path / "again.png"), *common]) == 0
+    assert _diff(Image.open(tmp_path / "again.png"), Image.open(tmp_path / "edit.png")) == 0
+    assert "warning" not in capsys.readouterr().err
+    Image.new("RGB", (64, 64), "red").save(src)
+    assert main(["generate", "--from", str(tmp_path / "edit.png"), "-o", str(tmp_path / "other.png"), *common]) == 0
+    assert "references differ" in capsys.readouterr().err
+
+
+def test_from_needs_a_kleinbild_png(tmp_path, capsys):
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (64, 64)).save(plain)
+    assert main(["generate", "--from", str(plain)]) == 2
+    assert "carries no kleinbild settings" in capsys.readouterr().err
+    assert main(["generate"]) == 2
+    assert "give a prompt" in capsys.readouterr().err

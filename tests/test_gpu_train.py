@@ -1,6 +1,6 @@
-"""tools/gpu_train.py, the time-boxed driver used on a lent GPU, run here on the CPU at toy sizes.
+"""tools/gpu_train.py, the time-boxed driver run on a GPU machine, run here on the CPU at toy sizes.
 
-A failure on the device costs minutes of a small budget, so its code paths are checked before they travel.
+A failure on the GPU machine wastes its time, so the driver's code paths are checked on the CPU first.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not (WEIGHTS / NANO.dit_file).is_file(), reason=
 
 
 def _carried(root: Path) -> Path:
-    """The `.gpu` folder as the device command builds it from the package's files."""
+    """The `.gpu` folder as tools/gpu_prepare.sh builds it from the package's files on the GPU machine."""
     subprocess.run(["bash", str(ROOT / "tools" / "gpu_prepare.sh"), str(root / ".gpu")], cwd=ROOT, check=True)
     return root / ".gpu"
 

@@ -1,6 +1,6 @@
 """The bundled nano models: in the package and the wheel, the default everywhere, and as good as promised.
 
-The score thresholds sit just under the goals (issue 3), on a fixed subset, so a regression fails CI.
+The score thresholds sit just under the targets, on a fixed subset, so a regression fails CI.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from kleinbild import sampling
 from kleinbild.config import get_preset
-from kleinbild.nano import train
+from kleinbild.nano import distill, train
 from kleinbild.pipeline import KleinPipeline
 from kleinbild.transformer import Flux2Transformer
 
@@ -25,8 +25,8 @@ def run(tmp_path_factory):
     preset = replace(preset, text=replace(preset.text, vocab_size=tok.vocab_size))
     train.train_autoencoder(run, preset, train.AEArgs(steps=2, batch=2, save_every=1), say=say)
     train.train_base(run, preset, train.FlowArgs(steps=2, batch=2, save_every=1), say=say)
-    train.train_distill(
-        run, preset, train.DistillArgs(chunks=2, batch=2, substeps=1, steps=2, save_every=1), say=say
+    distill.train_distill(
+        run, preset, distill.DistillArgs(chunks=2, batch=2, substeps=1, steps=2, save_every=1), say=say
     )
     return run, preset
 
@@ -99,6 +99,12 @@ def test_bundle_loads_as_a_pipeline(run, tmp_path):
                                          text_encoder=dest / "text_encoder", preset="nano", dtype="float32")
     out = pipe.generate("a small red circle at the top left on a blue background", seed=0)
     assert out.images[0].size == (128, 128) and out.settings["steps"] == 4
+
+
+def test_bundle_goes_to_the_package_weights_by_default():
+    from kleinbild.loading import bundled_dir
+
+    assert train.bundle_dir() == bundled_dir(get_preset("nano"))
 
 
 def test_worker_batches_train_like_the_cached_ones(run, tmp_path):
@@ -207,11 +213,11 @@ def test_cli_mix_reaches_the_stage_and_bad_mixes_are_refused(monkeypatch, tmp_pa
 
     seen = []
     monkeypatch.setattr(train, "train_base", lambda run, preset, args, say: seen.append(args))
-    monkeypatch.setattr(train, "train_distill", lambda run, preset, args, say: seen.append(args))
+    monkeypatch.setattr(distill, "train_distill", lambda run, preset, args, say: seen.append(args))
     assert main(["train", "base", "--run", str(tmp_path), "--mix", "0.2,0.6,0.1,0.05,0.05", "--lr", "1e-4"]) == 0
     assert seen[-1].mix == (0.2, 0.6, 0.1, 0.05, 0.05) and seen[-1].lr == 1e-4
     assert main(["train", "distill", "--run", str(tmp_path), "--mix", "0,1,0"]) == 0
-    assert isinstance(seen[-1], train.DistillArgs) and seen[-1].mix == (0.0, 1.0, 0.0)
+    assert isinstance(seen[-1], distill.DistillArgs) and seen[-1].mix == (0.0, 1.0, 0.0)
     assert main(["train", "distill", "--run", str(tmp_path), "--on-policy", "0.5"]) == 0
     assert seen[-1].on_policy == 0.5
     assert main(["train", "distill", "--run", str(tmp_path), "--image-guidance", "0"]) == 0
@@ -232,8 +238,8 @@ def _trajectories(run, tmp, preset, **kw):
         (folder / part).symlink_to(run / part)
     # The run's base trained for two steps from zeroed output layers and barely reacts to anything; random weights do.
     save_file(_random_dit(preset, 0).state_dict(), str(folder / "base" / "dit.safetensors"))
-    args = train.DistillArgs(chunks=1, batch=2, substeps=1, **kw)
-    train.make_trajectories(folder, preset, args, get_preset("nano"), say=lambda msg: None)
+    args = distill.DistillArgs(chunks=1, batch=2, substeps=1, **kw)
+    distill.make_trajectories(folder, preset, args, get_preset("nano"), say=lambda msg: None)
     return torch.load(folder / "distill" / "traj" / "00000.pt", weights_only=True)
 
 
@@ -260,18 +266,18 @@ def test_on_policy_states_are_the_students_and_targets_the_teachers(run):
     """States come from the rollout model's own Euler steps; the target is the guided teacher at those states."""
     folder, preset = run
     tok, ae = train._load_run_models(folder, preset)
-    _, te = train._teacher(folder, preset, torch.device("cpu"))
+    _, te = distill._teacher(folder, preset, torch.device("cpu"))
     cond = train.Conditioner(tok, te, ae, preset, 128)
     student, teacher = _random_dit(preset, 1), _random_dit(preset, 2)  # random weights react to their inputs
     hw, ch = 128 // preset.ae.downscale, preset.ae.latent_channels
     nano = get_preset("nano")
     ts = torch.tensor(sampling.schedule(nano.default_steps, hw * hw, nano.schedule_shift))
     img_ids, txt_ids = sampling.image_ids(hw, hw), sampling.text_ids(preset.text.max_length)
-    args = train.DistillArgs(batch=6, mix=(0.0, 1.0, 0.0), image_guidance=1.5, seed=3)
+    args = distill.DistillArgs(batch=6, mix=(0.0, 1.0, 0.0), image_guidance=1.5, seed=3)
 
     def draw(step):
-        return train._on_policy_batch(args, step, student, teacher, cond, ts, img_ids, txt_ids, hw, ch,
-                                      torch.device("cpu"))
+        return distill._on_policy_batch(args, step, student, teacher, cond, ts, img_ids, txt_ids, hw, ch,
+                                        torch.device("cpu"))
 
     b, x, i, target, txt, ref_tok, ref_ids = draw(7)
     assert len(set(i.tolist())) > 1 and ref_tok is not None
@@ -302,14 +308,14 @@ def test_on_policy_distillation_trains_and_bad_fractions_are_refused(run, tmp_pa
         (tmp_path / part).symlink_to(folder / part)
     # A random student: the run's two-step base barely reacts, so as its own student its loss would be ~0.
     save_file(_random_dit(preset, 1).state_dict(), str(tmp_path / "student.safetensors"))
-    args = train.DistillArgs(chunks=1, batch=2, steps=2, save_every=1, on_policy=1.0,
-                             init=str(tmp_path / "student.safetensors"))
+    args = distill.DistillArgs(chunks=1, batch=2, steps=2, save_every=1, on_policy=1.0,
+                               init=str(tmp_path / "student.safetensors"))
     lines: list[str] = []
-    train.train_distill(tmp_path, preset, args, say=lines.append)
+    distill.train_distill(tmp_path, preset, args, say=lines.append)
     assert "distill: done at step 2" in lines
     ck = torch.load(tmp_path / "distill" / "ckpt.pt", weights_only=True)
     start = load_file(str(tmp_path / "student.safetensors"))
     assert any(not torch.equal(ck["dit"][k], start[k]) for k in start), "the student trained"
     with pytest.raises(ValueError, match="on_policy is a fraction"):
-        train.train_distill(tmp_path / "bad", preset, replace(args, on_policy=1.5), say=lines.append)
+        distill.train_distill(tmp_path / "bad", preset, replace(args, on_policy=1.5), say=lines.append)
     assert not (tmp_path / "bad").exists()  # refused before any trajectory was recorded

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from kleinbild import train_lora as tl
-from kleinbild.nano import shapes
+from kleinbild.nano import concepts, shapes
 
 pytest.importorskip("diffusers")
 
@@ -153,25 +153,38 @@ def test_dataset_errors_name_the_problem(tmp_path):
 
 
 def test_concept_data_and_presence(tmp_path):
-    folder = tl.make_concept_data(tmp_path / "ring", "ring", n=5, seed=3, size=128, prior=3)
+    folder = concepts.make_concept_data(tmp_path / "ring", "ring", n=5, seed=3, size=128, prior=3)
     ex = tl.load_dataset(folder)
     concept = [e for e in ex if "ring" in e.caption]
     assert len(ex) == 8 and len(concept) == 5, "5 concept examples and 3 prior-preservation ones"
     for e in concept:
-        res = tl.concept_presence(Image.open(e.image), "ring")
+        res = concepts.concept_presence(Image.open(e.image), "ring")
         assert res["present"] and res["iou"] > 0.75, e.caption
         f = res["found"]  # the analyser reads the ring's colour and position
         assert f.colour in e.caption and f.size == "big"
-    for shape in tl.CONCEPT_SHAPES:  # each is told apart from the others and from the world's shapes
+    for shape in concepts.CONCEPT_SHAPES:  # each is told apart from the others and from the world's shapes
         scene = shapes.Scene("white", (shapes.Obj(shape, "red", "big", "centre"),))
-        found = {s for s in tl.CONCEPT_SHAPES if tl.concept_presence(tl.render_concept(scene), s)["present"]}
+        img = concepts.render_concept(scene)
+        found = {s for s in concepts.CONCEPT_SHAPES if concepts.concept_presence(img, s)["present"]}
         assert found == {shape}
     rng = random.Random(0)
     for _ in range(10):
         world = shapes.render(shapes.sample_scene(rng), 128)
-        assert not any(tl.concept_presence(world, s)["present"] for s in tl.CONCEPT_SHAPES)
+        assert not any(concepts.concept_presence(world, s)["present"] for s in concepts.CONCEPT_SHAPES)
     with pytest.raises(ValueError, match="unknown concept shape 'star'"):
-        tl.make_concept_data(tmp_path / "x", "star")
+        concepts.make_concept_data(tmp_path / "x", "star")
+
+
+def test_lora_training_does_not_depend_on_the_shapes_world():
+    """train_lora works on any base model: no import of kleinbild.nano in it, at module or function level."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(tl.__file__).read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names]
+    assert not [m for m in imported if m.startswith("kleinbild.nano")], imported
 
 
 def test_cli_lora_data_and_errors(tmp_path):
@@ -196,13 +209,13 @@ def test_concept_data_priors_can_come_from_the_model(tmp_path):
             return type("Out", (), {"images": [Image.new("RGB", (width, height), (1, 2, 3))]})()
 
     rec = Recorder()
-    folder = tl.make_concept_data(tmp_path / "bar", "bar", n=2, seed=4, size=64, prior=3, prior_pipe=rec)
+    folder = concepts.make_concept_data(tmp_path / "bar", "bar", n=2, seed=4, size=64, prior=3, prior_pipe=rec)
     priors = sorted(folder.glob("prior-*.png"))
     assert len(priors) == 3 and len(rec.calls) == 3
     for path, (prompt, w, h, _) in zip(priors, rec.calls, strict=True):
         assert path.with_suffix(".txt").read_text().strip() == prompt
         assert (w, h) == (64, 64) and Image.open(path).getpixel((0, 0)) == (1, 2, 3)
     assert len({c[3] for c in rec.calls}) == 3, "each prior image has its own seed"
-    rendered = tl.make_concept_data(tmp_path / "bar2", "bar", n=2, seed=4, size=64, prior=3)
+    rendered = concepts.make_concept_data(tmp_path / "bar2", "bar", n=2, seed=4, size=64, prior=3)
     assert [p.with_suffix(".txt").read_text() for p in sorted(rendered.glob("prior-*.png"))] == [
         p.with_suffix(".txt").read_text() for p in priors], "same prompts either way"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurement, run on a lent device machine from the repository root (see BENCHMARKS.md):
+# The GPU measurement, run on a GPU machine from the repository root (see BENCHMARKS.md):
 #   carry .whl (diffusers 0.42.1 + importlib_metadata wheels, pip download'ed here), results under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

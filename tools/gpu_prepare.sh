@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the `.gpu/` folder that tools/gpu_train.py reads, from the package's bundled nano files (the carried tree
-# must stay under 64 MiB, so the device builds it there rather than carrying a second copy):
+# Build the `.gpu/` folder that tools/gpu_train.py reads, from the package's bundled nano files (the source tree
+# copied to the GPU machine must stay under 64 MiB, so the folder is built there rather than copied a second time):
 #   run/ae, run/tokenizer   the run folder (autoencoder, tokenizer)
 #   init/                   the base to continue (or, with --base-seconds 0, the teacher): dit + text encoder
 #   student.safetensors     the shipped 4-step student, for --student-init

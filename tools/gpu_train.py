@@ -1,7 +1,7 @@
-"""Continue the nano recipe on a lent GPU machine inside a fixed time budget, then distil, bundle and evaluate.
+"""Continue the nano recipe on a GPU machine inside a fixed time budget, then distil, bundle and evaluate.
 
-Used with the device tool (see tools/gpu_train.sh): the run folder (tokenizer, autoencoder) and the starting
-weights travel in `.gpu/`; everything worth keeping is written to $OUT, a few files under 16 MiB each. The step
+Run by tools/gpu_train.sh: the run folder (tokenizer, autoencoder) and the starting weights are in `.gpu/` (built
+by tools/gpu_prepare.sh); everything worth keeping is written to $OUT, a few files under 16 MiB each. The step
 counts are derived from a short calibration, so the learning-rate schedules fit the budget; the log records them,
 and `kleinbild train base --steps N --batch B --init ...` replays the run with those numbers.
 """
@@ -24,13 +24,14 @@ from safetensors.torch import load_file, save_file
 
 from kleinbild.config import get_preset
 from kleinbild.nano import train
+from kleinbild.nano.distill import DistillArgs, train_distill
 
 
 def _mix(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(","))
 
 
-def main() -> int:
+def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--src", default=".gpu")
     ap.add_argument("--base-seconds", type=float, default=280)
@@ -46,7 +47,7 @@ def main() -> int:
     ap.add_argument("--distill-seed", type=int, default=1, help="another seed: other trajectories' examples")
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--eval-n", type=int, default=50)
-    ap.add_argument("--eval-base", type=int, default=1, help="0: evaluate the student only (saves device time)")
+    ap.add_argument("--eval-base", type=int, default=1, help="0: evaluate the student only (saves GPU time)")
     ap.add_argument("--workers", type=int, default=min(14, (os.cpu_count() or 2) - 2))
     ap.add_argument("--base-mix", type=_mix, default=(0.35, 0.3, 0.15, 0.1, 0.1), help="t2i,edit,compose,drill,loose")
     ap.add_argument("--distill-mix", type=_mix, default=(0.35, 0.3, 0.15, 0.05, 0.15))
@@ -55,7 +56,11 @@ def main() -> int:
                     help="instead of the DiT stages: fine-tune the autoencoder's decoder for this long")
     ap.add_argument("--decoder-batch", type=int, default=128)
     ap.add_argument("--decoder-lr", type=float, default=5e-4)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = _parse()
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     logf = open(out / ("decoder.log" if args.decoder_seconds else "train.log"), "a")  # noqa: SIM115 - whole run
@@ -82,7 +87,14 @@ def main() -> int:
         shutil.copytree(src / "run", run, dirs_exist_ok=True)
         shutil.copytree(src / "init", run / "base", dirs_exist_ok=True)
         return distill(args, run, preset, out, say, per_step=0.0, base_steps=0)
+    run, per_step, steps = base(args, src, preset, out, say)
+    return distill(args, run, preset, out, say, per_step=per_step, base_steps=steps)
 
+
+def base(args: argparse.Namespace, src: Path, preset, out: Path, say) -> tuple[Path, float, int]:
+    """Calibrate, then continue the base from --src/init for --base-seconds; the EMA weights go to $OUT.
+
+    Returns the run folder, the measured seconds per step and the step count."""
     # Calibration: the same configuration for a few steps in a scratch run.
     stamps: list[tuple[int, float]] = []
 
@@ -109,15 +121,14 @@ def main() -> int:
     say(f"base: {time.perf_counter() - t:.0f} s")
     ck = torch.load(run / "base" / "ckpt.pt", weights_only=True, map_location="cpu")
     dit = {k: v.float().contiguous() for k, v in ck["ema_dit"].items()}
-    parts: tuple[dict, dict] = ({}, {})  # two files of about equal size: $OUT returns files under 16 MiB
+    parts: tuple[dict, dict] = ({}, {})  # two files of about equal size: each must stay under 16 MiB
     for k in sorted(dit, key=lambda k: -dit[k].numel()):
         min(parts, key=lambda p: sum(v.numel() for v in p.values()))[k] = dit[k]
     save_file(parts[0], str(out / "ema_dit_a.safetensors"))
     save_file(parts[1], str(out / "ema_dit_b.safetensors"))
     save_file({k: v.float().contiguous() for k, v in ck["ema_te"].items()}, str(out / "ema_te.safetensors"))
-    # base/dit.safetensors and text_encoder/ are these EMA weights in bfloat16: $OUT returns at most 8 files
-
-    return distill(args, run, preset, out, say, per_step=per_step, base_steps=steps)
+    # base/dit.safetensors and text_encoder/ are these EMA weights in bfloat16: $OUT holds at most 8 files
+    return run, per_step, steps
 
 
 def distill(args: argparse.Namespace, run: Path, preset, out: Path, say, per_step: float, base_steps: int) -> int:
@@ -126,9 +137,8 @@ def distill(args: argparse.Namespace, run: Path, preset, out: Path, say, per_ste
     # A distillation step costs about 0.7 base steps (H200, batch 128 against 256: 90 against 134 ms); the
     # trajectories come on top (200 x 128: ~70 s), so --distill-seconds is the regression alone.
     d_steps = args.distill_steps or max(1, int(args.distill_seconds / (0.7 * per_step)))
-    d_args = train.DistillArgs(chunks=args.distill_chunks, batch=args.distill_batch, steps=d_steps, lr=args.distill_lr,
-                               device=args.device, mix=args.distill_mix, seed=args.distill_seed,
-                               init=args.student_init)
+    d_args = DistillArgs(chunks=args.distill_chunks, batch=args.distill_batch, steps=d_steps, lr=args.distill_lr,
+                         device=args.device, mix=args.distill_mix, seed=args.distill_seed, init=args.student_init)
     say(f"distill: {d_args}")
 
     def distill_say(msg: str) -> None:
@@ -138,7 +148,7 @@ def distill(args: argparse.Namespace, run: Path, preset, out: Path, say, per_ste
         if msg.startswith("distill step") and saved.is_file():  # a killed run still returns its latest student
             shutil.copy(saved, out / "nano_dit.safetensors")
 
-    train.train_distill(run, preset, d_args, say=distill_say)
+    train_distill(run, preset, d_args, say=distill_say)
     say(f"distill: {time.perf_counter() - t:.0f} s")
     shutil.copy(run / "distill" / "dit.safetensors", out / "nano_dit.safetensors")
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The device-tool command that continues the nano recipe on a lent GPU (see tools/gpu_train.py). Needs `.gpu/`
+# The command that continues the nano recipe on a GPU machine (see tools/gpu_train.py). Needs `.gpu/`
 # (run/tokenizer, run/ae/ae.safetensors, init/dit.safetensors, init/text_encoder/model.safetensors: the base EMA in
-# float32) carried, or built on the device from the bundled weights by tools/gpu_prepare.sh; writes the weights,
-# the logs and (unless --eval-n 0) the evaluations to $OUT.
+# float32) copied along, or built on the GPU machine from the bundled weights by tools/gpu_prepare.sh; writes the
+# weights, the logs and (unless --eval-n 0) the evaluations to $OUT.
 # DECODER_SECONDS > 0 also fine-tunes the autoencoder's decoder, beside the DiT on the same GPU (4 cores).
 set -euo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1

@@ -7,16 +7,20 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from kleinbild.loading import LoadOptions
     from kleinbild.pipeline import GenerationResult, KleinPipeline
+    from kleinbild.request import Request
+
+_LAZY = {"KleinPipeline": "pipeline", "GenerationResult": "pipeline", "LoadOptions": "loading", "Request": "request"}
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: importing the package must not import torch.
-    if name in ("KleinPipeline", "GenerationResult"):
-        from kleinbild import pipeline
+    if name in _LAZY:
+        import importlib
 
-        return getattr(pipeline, name)
+        return getattr(importlib.import_module(f"kleinbild.{_LAZY[name]}"), name)
     raise AttributeError(name)
 
 
-__all__ = ["GenerationResult", "KleinPipeline", "__version__"]
+__all__ = ["GenerationResult", "KleinPipeline", "LoadOptions", "Request", "__version__"]

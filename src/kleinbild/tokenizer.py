@@ -154,7 +154,7 @@ class PromptTokenizer:
     @classmethod
     def from_dir(cls, path: str | Path) -> PromptTokenizer:
         """Load a tokenizer folder in the Hugging Face layout (a checkpoint's `tokenizer/`)."""
-        from tokenizers import AddedToken, Tokenizer, processors
+        from tokenizers import Tokenizer, processors
 
         folder = Path(path)
         if not folder.is_dir():
@@ -168,25 +168,7 @@ class PromptTokenizer:
             raise ValueError(f"{folder / 'tokenizer_config.json'} is not valid JSON: {e}") from None
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
 
-        # transformers takes the added tokens from the config; tokenizer.json normally lists the same ones.
-        # A token only the config knows is added here, and its id must come out where the config says.
-        for idx, spec in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0])):
-            content = spec["content"]
-            if tok.token_to_id(content) is None:
-                token = AddedToken(
-                    content,
-                    single_word=spec.get("single_word", False),
-                    lstrip=spec.get("lstrip", False),
-                    rstrip=spec.get("rstrip", False),
-                    normalized=spec.get("normalized", not spec.get("special", False)),
-                    special=spec.get("special", False),
-                )
-                (tok.add_special_tokens if token.special else tok.add_tokens)([token])
-            if tok.token_to_id(content) != int(idx):
-                raise ValueError(
-                    f"{folder}: added token {content!r} has id {tok.token_to_id(content)} in tokenizer.json "
-                    f"but {idx} in tokenizer_config.json"
-                )
+        _add_config_tokens(tok, config, folder)
 
         named = {name: _token_text(config.get(name)) for name in _NAMED_SPECIAL_TOKENS}
         # transformers also exposes any other `*_token` string in the config, and named extra tokens.
@@ -210,20 +192,7 @@ class PromptTokenizer:
             tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
         tok.encode_special_tokens = bool(config.get("split_special_tokens", False))
 
-        template_file = folder / "chat_template.jinja"
-        if template_file.is_file():
-            # transformers lets the standalone file win over the config entry.
-            template = template_file.read_text(encoding="utf-8")
-        else:
-            template = config.get("chat_template")
-            if isinstance(template, list):
-                by_name = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
-                template = by_name.get("default")
-            if not isinstance(template, str):
-                raise ValueError(
-                    f"no chat template at {folder}: chat_template.jinja is missing and tokenizer_config.json "
-                    "has no (default) chat_template"
-                )
+        template = _chat_template(folder, config)
         if named["pad_token"] is None:
             raise ValueError(f"{folder / 'tokenizer_config.json'} defines no pad_token; prompts cannot be padded")
         out = cls(
@@ -490,3 +459,45 @@ def train_qwen_style_tokenizer(
         config["chat_template"] = QWEN3_CHAT_TEMPLATE
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
     return out_dir
+
+
+def _add_config_tokens(tok: Any, config: Mapping[str, Any], folder: Path) -> None:
+    """transformers takes the added tokens from the config; tokenizer.json normally lists the same ones. A token
+    only the config knows is added here, and its id must come out where the config says."""
+    from tokenizers import AddedToken
+
+    for idx, spec in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0])):
+        content = spec["content"]
+        if tok.token_to_id(content) is None:
+            token = AddedToken(
+                content,
+                single_word=spec.get("single_word", False),
+                lstrip=spec.get("lstrip", False),
+                rstrip=spec.get("rstrip", False),
+                normalized=spec.get("normalized", not spec.get("special", False)),
+                special=spec.get("special", False),
+            )
+            (tok.add_special_tokens if token.special else tok.add_tokens)([token])
+        if tok.token_to_id(content) != int(idx):
+            raise ValueError(
+                f"{folder}: added token {content!r} has id {tok.token_to_id(content)} in tokenizer.json "
+                f"but {idx} in tokenizer_config.json"
+            )
+
+
+def _chat_template(folder: Path, config: Mapping[str, Any]) -> str:
+    template_file = folder / "chat_template.jinja"
+    if template_file.is_file():
+        # transformers lets the standalone file win over the config entry.
+        template = template_file.read_text(encoding="utf-8")
+    else:
+        template = config.get("chat_template")
+        if isinstance(template, list):
+            by_name = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+            template = by_name.get("default")
+        if not isinstance(template, str):
+            raise ValueError(
+                f"no chat template at {folder}: chat_template.jinja is missing and tokenizer_config.json "
+                "has no (default) chat_template"
+            )
+    return template

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from kleinbild import lora, lora_host, sampling
 from kleinbild.images import to_tensor
+from kleinbild.loading import LoadOptions, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -232,19 +233,18 @@ def _targets(pipe: Any, which: str) -> dict[str, tuple[int, int]]:
     return layers
 
 
-def _open_base(base: Any, load_options: dict[str, Any] | None) -> Any:
+def _open_base(base: Any, load_options: LoadOptions | None) -> Any:
     """The pipeline to train on: `base` itself when it is a KleinPipeline, else loaded from it."""
     from kleinbild.pipeline import KleinPipeline
 
     if isinstance(base, KleinPipeline):
         pipe = base
     else:
-        from kleinbild.pipeline import pick_device
-
-        opts = dict(load_options or {})
-        # float32 on CPU (bf16 autocast does the speed); bf16 weights on a GPU, where memory is what runs out.
-        opts.setdefault("dtype", "float32" if pick_device(opts.get("device")).type == "cpu" else "bfloat16")
-        pipe = KleinPipeline.from_pretrained(base, **opts)
+        opts = load_options or LoadOptions()
+        if opts.dtype is None:
+            # float32 on CPU (bf16 autocast does the speed); bf16 weights on a GPU, where memory is what runs out.
+            opts = opts.with_changes(dtype="float32" if pick_device(opts.device).type == "cpu" else "bfloat16")
+        pipe = KleinPipeline.from_pretrained(base, opts)
     if pipe.quant:
         raise ValueError("train LoRAs on an unquantized base (the adapter is saved for the full-precision model)")
     return pipe
@@ -323,7 +323,7 @@ def train_lora(
     out: Path | str,
     args: LoraArgs,
     say: Log = print,
-    load_options: dict[str, Any] | None = None,
+    load_options: LoadOptions | None = None,
 ) -> Path:
     """Train a LoRA on `base` (a KleinPipeline, or anything `KleinPipeline.from_pretrained` takes) and return the
     path of the final adapter (`out/lora.safetensors`)."""

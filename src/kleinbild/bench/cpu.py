@@ -172,11 +172,7 @@ def random_checkpoint(preset_name: str, folder: Path, seed: int = 0, say: Any = 
     """A diffusers-layout folder with seeded random weights of a preset's full size (written once)."""
     import torch
 
-    from kleinbild.autoencoder import AutoEncoder
     from kleinbild.config import get_preset
-    from kleinbild.convert import dit_to_diffusers, vae_to_diffusers
-    from kleinbild.tokenizer import train_qwen_style_tokenizer
-    from kleinbild.transformer import Flux2Transformer
 
     p = get_preset(preset_name)
     done = folder / ".complete"
@@ -185,9 +181,21 @@ def random_checkpoint(preset_name: str, folder: Path, seed: int = 0, say: Any = 
     t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    bf16 = torch.bfloat16
+    _random_transformer(p, folder / "transformer", g)
+    _random_vae(p, folder / "vae", seed)
+    _random_text_encoder(p, folder / "text_encoder", g)
+    _pipeline_files(p, folder, seed)
+    done.write_text(json.dumps({"preset": p.name, "seed": seed}))
+    say(f"random {p.name} checkpoint written to {folder} in {time.perf_counter() - t0:.0f}s")
+    return folder
 
-    d = folder / "transformer"
+
+def _random_transformer(p: ModelPreset, d: Path, g: Any) -> None:
+    import torch
+
+    from kleinbild.convert import dit_to_diffusers
+    from kleinbild.transformer import Flux2Transformer
+
     d.mkdir(exist_ok=True)
     (d / "config.json").write_text(json.dumps(_diffusers_transformer_config(p.dit)))
     with torch.device("meta"):
@@ -198,21 +206,30 @@ def random_checkpoint(preset_name: str, folder: Path, seed: int = 0, say: Any = 
         group = ".".join(k.split(".")[:2]) if k.startswith(("double_blocks.", "single_blocks.")) else "top"
         blocks.setdefault(group, {})[k] = shape
     for names in blocks.values():  # one block at a time keeps memory at one block
-        for k, t in dit_to_diffusers({k: _random_like(s, k, g, bf16) for k, s in names.items()}).items():
+        for k, t in dit_to_diffusers({k: _random_like(s, k, g, torch.bfloat16) for k, s in names.items()}).items():
             w.add(k, t)
     w.close()
 
-    d = folder / "vae"
+
+def _random_vae(p: ModelPreset, d: Path, seed: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from kleinbild.autoencoder import AutoEncoder
+    from kleinbild.convert import vae_to_diffusers
+
     d.mkdir(exist_ok=True)
     (d / "config.json").write_text(json.dumps(_diffusers_vae_config(p.ae)))
     torch.manual_seed(seed)
     ae = AutoEncoder(p.ae)
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in vae_to_diffusers(ae.state_dict()).items()},
               str(d / "diffusion_pytorch_model.safetensors"))
 
-    d = folder / "text_encoder"
+
+def _random_text_encoder(p: ModelPreset, d: Path, g: Any) -> None:
+    import torch
+
+    bf16 = torch.bfloat16
     d.mkdir(exist_ok=True)
     c = p.text
     tied = c.hidden_size < 4096  # Qwen3-4B ties its LM head to the embeddings; Qwen3-8B does not
@@ -241,7 +258,11 @@ def random_checkpoint(preset_name: str, folder: Path, seed: int = 0, say: Any = 
         w.add("lm_head.weight", _random_like((c.vocab_size, c.hidden_size), "lm_head", g, bf16))
     w.close()
 
+
+def _pipeline_files(p: ModelPreset, folder: Path, seed: int) -> None:
+    """The tokenizer (trained on the shapes corpus: only its format matters here), scheduler and model index."""
     from kleinbild.nano.train import corpus
+    from kleinbild.tokenizer import train_qwen_style_tokenizer
 
     train_qwen_style_tokenizer(corpus(3000, seed), folder / "tokenizer", vocab_size=600)
     (folder / "scheduler").mkdir(exist_ok=True)
@@ -254,9 +275,6 @@ def random_checkpoint(preset_name: str, folder: Path, seed: int = 0, say: Any = 
         "text_encoder": ["transformers", "Qwen3ForCausalLM"], "tokenizer": ["transformers", "Qwen2TokenizerFast"],
         "transformer": ["diffusers", "Flux2Transformer2DModel"], "vae": ["diffusers", "AutoencoderKLFlux2"],
     }))
-    done.write_text(json.dumps({"preset": p.name, "seed": seed}))
-    say(f"random {p.name} checkpoint written to {folder} in {time.perf_counter() - t0:.0f}s")
-    return folder
 
 
 # ---------------------------------------------------------------- one measured run (child process)

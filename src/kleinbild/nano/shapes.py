@@ -70,7 +70,8 @@ class Obj:
 class Scene:
     """A background colour and 1..3 objects in distinct cells, none in the background's colour.
 
-    Not validated on construction: `kleinbild.nano.analyze` builds scenes from arbitrary pixels, which may break the rules.
+    Not validated on construction: `kleinbild.nano.analyze` builds scenes from arbitrary pixels, which may break
+    the rules.
     """
 
     background: str

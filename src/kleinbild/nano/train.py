@@ -1,4 +1,5 @@
-"""Training the nano models on the shapes world: tokenizer, autoencoder, base (flow matching), distillation.
+"""Training the nano models on the shapes world: tokenizer, autoencoder, base (flow matching) and the bundle;
+the distillation stage, which builds on these, is `kleinbild.nano.distill`.
 
 Every stage is reproducible from a seed (the data of step k depends only on seed and k), resumable from its
 last checkpoint, and sized for a 2-core CPU. Checkpoints are written atomically, so an interrupted run
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 import os
 import random
@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +33,6 @@ from kleinbild.nano import shapes
 from kleinbild.text_encoder import Qwen3TextEncoder
 from kleinbild.tokenizer import PromptTokenizer, train_qwen_style_tokenizer
 from kleinbild.transformer import Flux2Transformer
-
-log = logging.getLogger(__name__)
 
 Log = Callable[[str], None]
 
@@ -57,6 +56,18 @@ def _atomic_safetensors(tensors: dict[str, Tensor], path: Path, dtype: torch.dty
     tmp = path.with_suffix(".tmp")
     save_file(out, str(tmp))
     os.replace(tmp, path)
+
+
+def _resume(ck: Path, parts: dict[str, Any], dev: torch.device, stage: str, say: Log) -> int:
+    """Load each part (a module or optimiser) from its key in checkpoint `ck`; returns the step it was saved at,
+    0 when there is no checkpoint yet."""
+    if not ck.is_file():
+        return 0
+    state = torch.load(ck, weights_only=True, map_location=dev)
+    for key, part in parts.items():
+        part.load_state_dict(state[key])
+    say(f"{stage}: resumed at step {state['step']}")
+    return state["step"]
 
 
 class EMA:
@@ -202,14 +213,8 @@ def train_autoencoder(run: Path, preset: ModelPreset, args: AEArgs, say: Log = p
     ae.to(dev)
     trained = ae.decoder if args.decoder_only else ae
     opt = torch.optim.AdamW(trained.parameters(), lr=args.lr, weight_decay=0.0)
-    step = 0
     ck = out / "ckpt.pt"
-    if ck.is_file():
-        state = torch.load(ck, weights_only=True, map_location=dev)
-        ae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-        say(f"ae: resumed at step {step}")
+    step = _resume(ck, {"model": ae, "opt": opt}, dev, "ae", say)
     ae.train()
     if args.decoder_only:
         ae.encoder.eval().requires_grad_(False)
@@ -479,16 +484,8 @@ def train_base(run: Path, preset: ModelPreset, args: FlowArgs, say: Log = print)
     params = list(dit.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema_dit, ema_te = EMA(dit, args.ema), EMA(te, args.ema)
-    step = 0
-    if ck.is_file():
-        state = torch.load(ck, weights_only=True, map_location=dev)
-        dit.load_state_dict(state["dit"])
-        te.load_state_dict(state["te"])
-        ema_dit.shadow.load_state_dict(state["ema_dit"])
-        ema_te.shadow.load_state_dict(state["ema_te"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-        say(f"base: resumed at step {step}")
+    parts = {"dit": dit, "te": te, "ema_dit": ema_dit.shadow, "ema_te": ema_te.shadow, "opt": opt}
+    step = _resume(ck, parts, dev, "base", say)
     cond = Conditioner(tok, te, ae, preset, args.size)
     hw = args.size // preset.ae.downscale
     img_ids, txt_ids = sampling.image_ids(hw, hw).to(dev), sampling.text_ids(preset.text.max_length).to(dev)
@@ -545,21 +542,11 @@ def export_text_encoder(te: Qwen3TextEncoder, tok: PromptTokenizer, preset: Mode
     folder.mkdir(parents=True, exist_ok=True)
     c = preset.text
     config = {
-        "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads,
-        "head_dim": c.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+        "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+        "max_position_embeddings": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
         "note": f"kleinbild {preset.name}: only the layers below {c.layers_to_run} are stored",
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -569,221 +556,11 @@ def export_text_encoder(te: Qwen3TextEncoder, tok: PromptTokenizer, preset: Mode
         (folder / name).write_bytes((src / name).read_bytes())
 
 
-# ---------------------------------------------------------------- stage: distillation
-
-
-@dataclass
-class DistillArgs:
-    chunks: int = 200  # teacher trajectory batches of `batch` examples each (~3.5 s each on 2 cores)
-    batch: int = 32
-    # Teacher Euler steps inside each student step. 1: the student learns the CFG teacher's velocity at the
-    # teacher's own 4-step states, which on the shift-2 grid is as good as 16 teacher steps (edits 0.64 vs 0.66,
-    # two objects 0.86 vs 0.86, n=50) and far easier to learn than a 16-step jump.
-    substeps: int = 1
-    guidance: float = 2.0  # the base's best CFG on the eval (edits 0.60 vs 0.52 at 4)
-    # Guidance towards the references on batches that have them: v = v(-, -) + image_guidance * (v(-, ref) - v(-, -))
-    # + guidance * (v(text, ref) - v(-, ref)), "-" meaning no text / no references; 1 is plain CFG. The 4-step
-    # teacher's edits at n=200: 0.62 at 1, 0.655 at 1.3, 0.685 at 1.5, 0.68 at 1.8 (kept objects stay crisper).
-    image_guidance: float = 1.5
-    steps: int = 1500
-    lr: float = 1e-4
-    size: int = 128
-    seed: int = 5
-    mix: tuple[float, ...] = (0.3, 0.45, 0.15, 0.05, 0.05)  # t2i, edit, compose, drill, loose
-    ema: float = 0.998
-    save_every: int = 200
-    device: str = "cpu"
-    init: str = ""  # a student dit.safetensors to start from (e.g. the previous nano) instead of the teacher
-    # Fraction of steps whose states come from the student's own 4-step rollout (fresh examples, no grad), with the
-    # teacher's guided velocity computed there as the target: the student learns to recover from its own drift,
-    # which the recorded teacher trajectories never show it. Each such step costs ~2.4x a recorded one (3.1 s vs 1.3 s).
-    on_policy: float = 0.0
-
-
-def refine(timesteps: Sequence[float], k: int) -> list[float]:
-    """Split every interval of a schedule into k equal parts (the teacher's finer grid)."""
-    out = [timesteps[0]]
-    for a, b in zip(timesteps[:-1], timesteps[1:], strict=True):
-        out += [a + (b - a) * (j + 1) / k for j in range(k)]
-    return out
-
-
-def _teacher(run: Path, preset: ModelPreset, dev: torch.device) -> tuple[Flux2Transformer, Qwen3TextEncoder]:
-    dit, te = Flux2Transformer(preset.dit), Qwen3TextEncoder(preset.text)
-    _load_base_weights(run / "base", dit, te)
-    return dit.float().eval().requires_grad_(False).to(dev), te.float().eval().requires_grad_(False).to(dev)
-
-
-def _chunk_batch(args: DistillArgs, c: int) -> tuple[Batch, Tensor]:
-    """The examples and noise of trajectory chunk c, regenerated from the seed (only the states are stored)."""
-    rng = random.Random(args.seed * 7_000_001 + c)
-    g = torch.Generator().manual_seed(args.seed * 7_000_001 + c)
-    b = sample_batch(rng, args.batch, args.mix)
-    return b, g
-
-
-def teacher_velocity(
-    dit: Flux2Transformer, x: Tensor, t: Tensor, txt: Tensor, ref_tok: Tensor | None, ref_ids: Tensor | None,
-    img_ids: Tensor, txt_ids: Tensor, args: DistillArgs,
-) -> Tensor:
-    """The teacher's guided velocity at states x (n of them; txt holds n empty prompts, then the n prompts).
-
-    v = v(-, -) + image_guidance * (v(-, ref) - v(-, -)) + guidance * (v(text, ref) - v(-, ref)), where "-" is no
-    text / no references; without references, or at image_guidance 1, this is plain CFG (one pass fewer).
-    """
-    n = x.shape[0]
-    ref2 = None if ref_tok is None else torch.cat([ref_tok, ref_tok])
-    v = dit(torch.cat([x, x]), img_ids, txt, txt_ids, torch.cat([t, t]), ref=ref2, ref_ids=ref_ids).float()
-    guided = sampling.cfg_combine(v, args.guidance)
-    if ref_tok is not None and args.image_guidance != 1.0:
-        bare = dit(x, img_ids, txt[:n], txt_ids, t).float()
-        guided = guided + (args.image_guidance - 1.0) * (v[:n] - bare)
-    return guided
-
-
-def make_trajectories(
-    run: Path, preset: ModelPreset, args: DistillArgs, student: ModelPreset, say: Log = print
-) -> None:
-    """Teacher (base, CFG) solutions recorded at the student's timesteps: (B, student_steps + 1, N, C)."""
-    if not args.image_guidance > 0:
-        raise ValueError(f"image_guidance must be > 0 (1 is plain CFG), got {args.image_guidance}")
-    out = run / "distill" / "traj"
-    out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(args.device)
-    tok, ae = _load_run_models(run, preset)
-    dit, te = _teacher(run, preset, dev)
-    cond = Conditioner(tok, te, ae.to(dev), preset, args.size)
-    hw = args.size // preset.ae.downscale
-    student_t = sampling.schedule(student.default_steps, hw * hw, student.schedule_shift)
-    fine = refine(student_t, args.substeps)
-    img_ids, txt_ids = sampling.image_ids(hw, hw).to(dev), sampling.text_ids(preset.text.max_length).to(dev)
-    t0 = time.perf_counter()
-    done = 0
-    for c in range(args.chunks):
-        path = out / f"{c:05d}.pt"
-        if path.is_file():
-            continue
-        b, g = _chunk_batch(args, c)
-        n = len(b.prompts)
-        noise = torch.randn((n, hw * hw, preset.ae.latent_channels), generator=g).to(dev)
-        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
-            txt = cond.text(["" for _ in range(n)] + b.prompts)
-            ref_tok, ref_ids = cond.refs(b.sources)
-            states = [noise]
-            x = noise.clone()
-            for i, (t, t_next) in enumerate(zip(fine[:-1], fine[1:], strict=True)):
-                tv = torch.full((n,), t, device=dev)
-                guided = teacher_velocity(dit, x, tv, txt, ref_tok, ref_ids, img_ids, txt_ids, args)
-                x = x + (t_next - t) * guided
-                if (i + 1) % args.substeps == 0:
-                    states.append(x.clone())
-        _atomic_save(torch.stack(states, dim=1).to(torch.bfloat16).cpu(), path)
-        done += 1
-        say(f"distill: trajectories {c + 1}/{args.chunks} ({b.kind}) {(time.perf_counter() - t0) / done:.1f}s/chunk")
-
-
-def train_distill(run: Path, preset: ModelPreset, args: DistillArgs, say: Log = print) -> None:
-    """Regress the student's velocity at each of its own timesteps onto the teacher's jump to the next one."""
-    if not 0 <= args.on_policy <= 1:  # before the trajectories, so a bad value costs nothing
-        raise ValueError(f"on_policy is a fraction of the steps, 0 to 1; got {args.on_policy}")
-    out = run / "distill"
-    student_preset = get_preset("nano")
-    steps_student = student_preset.default_steps
-    make_trajectories(run, preset, args, student_preset, say)
-    dev = torch.device(args.device)
-    tok, ae = _load_run_models(run, preset)
-    teacher, te = _teacher(run, preset, dev)
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    if args.init:
-        load_dit_grown(student, load_file(args.init))  # a 4-step student already: far fewer steps needed
-        say(f"distill: student starts from {args.init}")
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    ema = EMA(student, args.ema)
-    step = 0
-    ck = out / "ckpt.pt"
-    if ck.is_file():
-        state = torch.load(ck, weights_only=True, map_location=dev)
-        student.load_state_dict(state["dit"])
-        ema.shadow.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-        say(f"distill: resumed at step {step}")
-    cond = Conditioner(tok, te, ae.to(dev), preset, args.size)
-    hw = args.size // preset.ae.downscale
-    ts = torch.tensor(sampling.schedule(steps_student, hw * hw, student_preset.schedule_shift), device=dev)
-    img_ids, txt_ids = sampling.image_ids(hw, hw).to(dev), sampling.text_ids(preset.text.max_length).to(dev)
-    t0, losses = time.perf_counter(), []
-    while step < args.steps:
-        rng = random.Random(args.seed * 9_000_011 + step)
-        c = rng.randrange(args.chunks)
-        if args.on_policy > 0 and rng.random() < args.on_policy:  # no draw at 0: recorded runs replay
-            b, x, i, target, txt, ref_tok, ref_ids = _on_policy_batch(
-                args, step, ema.shadow, teacher, cond, ts, img_ids, txt_ids, hw, preset.ae.latent_channels, dev)
-        else:
-            b, _ = _chunk_batch(args, c)
-            states = torch.load(out / "traj" / f"{c:05d}.pt", weights_only=True).float().to(dev)
-            n = states.shape[0]
-            i = torch.tensor(rng.choices(range(steps_student), k=n), device=dev)
-            x = states[torch.arange(n, device=dev), i]
-            target = (states[torch.arange(n, device=dev), i + 1] - x) / (ts[i + 1] - ts[i])[:, None, None]
-            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
-                txt = cond.text(b.prompts)
-                ref_tok, ref_ids = cond.refs(b.sources)
-        lr = cosine_lr(step, args.steps, args.lr, warmup=100)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            v = student(x, img_ids, txt, txt_ids, ts[i], ref=ref_tok, ref_ids=ref_ids)
-        loss = F.mse_loss(v.float(), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        ema.update(student, step)
-        losses.append(loss.item())
-        step += 1
-        if step % 50 == 0:
-            say(f"distill step {step}/{args.steps} loss {np.mean(losses[-50:]):.4f} lr {lr:.2e} "
-                f"{(time.perf_counter() - t0) / len(losses):.2f}s/step")
-        if step % args.save_every == 0 or step == args.steps:
-            _atomic_save({"dit": student.state_dict(), "ema": ema.shadow.state_dict(), "opt": opt.state_dict(),
-                          "step": step}, ck)
-            _atomic_safetensors(ema.shadow.state_dict(), out / "dit.safetensors", torch.bfloat16)
-    say(f"distill: done at step {step}")
-
-
-def _on_policy_batch(
-    args: DistillArgs, step: int, rollout: Flux2Transformer, teacher: Flux2Transformer, cond: Conditioner,
-    ts: Tensor, img_ids: Tensor, txt_ids: Tensor, hw: int, channels: int, dev: torch.device,
-) -> tuple[Batch, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Fresh examples (a function of the seed and the step), states from the student's own rollout (its EMA),
-    and the teacher's guided velocity at those states as the target."""
-    rng = random.Random(args.seed * 11_000_027 + step)
-    g = torch.Generator().manual_seed(args.seed * 11_000_027 + step)
-    b = sample_batch(rng, args.batch, args.mix)
-    n, steps = len(b.prompts), len(ts) - 1
-    i = torch.tensor([rng.randrange(steps) for _ in range(n)], device=dev)
-    x = torch.randn((n, hw * hw, channels), generator=g).to(dev)
-    rows = torch.arange(n, device=dev)
-    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
-        txt = cond.text(["" for _ in range(n)] + b.prompts)
-        ref_tok, ref_ids = cond.refs(b.sources)
-        states = [x]
-        for k in range(int(i.max())):
-            tv = torch.full((n,), float(ts[k]), device=dev)
-            v = rollout(x, img_ids, txt[n:], txt_ids, tv, ref=ref_tok, ref_ids=ref_ids).float()
-            x = x + float(ts[k + 1] - ts[k]) * v
-            states.append(x)
-        x = torch.stack(states, dim=1)[rows, i]
-        target = teacher_velocity(teacher, x, ts[i], txt, ref_tok, ref_ids, img_ids, txt_ids, args)
-    return b, x, i, target, txt[n:], ref_tok, ref_ids
-
-
 # ---------------------------------------------------------------- bundle
 
 
 def bundle_dir() -> Path:
-    return Path(__file__).resolve().parent / "weights" / "nano"
+    return Path(__file__).resolve().parents[1] / "weights" / "nano"
 
 
 def export_bundle(run: Path, dest: Path | None = None, say: Log = print) -> Path:
@@ -811,16 +588,6 @@ def export_bundle(run: Path, dest: Path | None = None, say: Log = print) -> Path
 
 
 __all__ = [
-    "AEArgs",
-    "DistillArgs",
-    "export_bundle",
-    "train_distill",
-    "FlowArgs",
-    "corpus",
-    "get_preset",
-    "load_dit_grown",
-    "train_autoencoder",
-    "train_base",
-    "train_tokenizer",
+    "AEArgs", "FlowArgs", "corpus", "export_bundle", "get_preset", "load_dit_grown", "train_autoencoder",
+    "train_base", "train_tokenizer",
 ]
-
