@@ -17,7 +17,7 @@ pytest.importorskip("diffusers")
 
 from tiny import MAX_TEXT, TEXT_LAYERS, reference_pipeline  # noqa: E402
 
-import kleinbild.loading as loading  # noqa: E402
+import kleinbild.files as files  # noqa: E402
 from kleinbild.convert import vae_from_diffusers  # noqa: E402
 from kleinbild.pipeline import KleinPipeline  # noqa: E402
 from kleinbild.sampling import make_noise  # noqa: E402
@@ -121,7 +121,7 @@ def test_sharded_checkpoints(tmp_path):
 def test_text_encoder_loader_never_reads_skipped_layers(monkeypatch):
     _, folder = reference_pipeline("distilled")
     read: list[str] = []
-    real_open = loading.safe_open
+    real_open = files.safe_open
 
     class Spy:
         def __init__(self, path, framework):
@@ -144,7 +144,7 @@ def test_text_encoder_loader_never_reads_skipped_layers(monkeypatch):
             read.append(k)
             return self.fh.get_tensor(k)
 
-    monkeypatch.setattr(loading, "safe_open", Spy)
+    monkeypatch.setattr(files, "safe_open", Spy)
     KleinPipeline.from_pretrained(folder, **KW)
     text_keys = [k for k in read if k.startswith(("model.", "lm_head"))]
     assert any(k.startswith("model.layers.2.") for k in text_keys)
@@ -208,7 +208,7 @@ def test_unknown_preset_lists_the_choices(official_files):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="madvise on file mappings: Linux only")
 def test_release_file_pages_keeps_values_and_skips_anonymous_memory(tmp_path):
-    from kleinbild.loading import read_tensors, release_file_pages
+    from kleinbild.files import read_tensors, release_file_pages
 
     save_file({"a": torch.randn(512, 1024), "b": torch.randn(7)}, str(tmp_path / "w.safetensors"))
     t = read_tensors([tmp_path / "w.safetensors"])

@@ -385,7 +385,7 @@ def test_pipeline_loads_loras_at_startup_and_reports_them(tmp_path, pair):
     pipe = KleinPipeline.from_pretrained(folder, device="cpu", dtype="float32", text_layers=TEXT_LAYERS,
                                          max_text_length=MAX_TEXT, loras=[f"{tmp_path / 's.safetensors'}:0.5"])
     res = pipe.generate("a dot", width=64, height=64, steps=2, seed=1)
-    assert res.settings["loras"] == [{"name": "s", "scale": 0.5}]
+    assert res.settings["loras"] == [{"name": "s", "source": str(tmp_path / "s.safetensors"), "scale": 0.5}]
     bad = tmp_path / "bad.safetensors"
     save_file({"lora_unet_input_blocks_1_0_emb_layers_1.lora_down.weight": torch.zeros(2, 8)}, str(bad))
     with pytest.raises(ValueError, match="match no layer"):
