@@ -137,3 +137,43 @@ def test_from_needs_a_kleinbild_png(tmp_path, capsys):
     assert "carries no kleinbild settings" in capsys.readouterr().err
     assert main(["generate"]) == 2
     assert "give a prompt" in capsys.readouterr().err
+
+
+def test_python_dash_m_and_every_command_parse():
+    import subprocess
+    import sys
+
+    from kleinbild import __version__
+    from kleinbild.cli import build_parser
+
+    out = subprocess.run([sys.executable, "-m", "kleinbild", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"kleinbild {__version__}"
+    parser = build_parser()
+    for argv in (
+        ["generate", "p", "-m", "m", "--vae", "a", "--text-encoder", "t", "--preset", "klein-4b", "-i", "x.png",
+         "-W", "64", "-H", "64", "-s", "2", "-g", "3", "--negative-prompt", "n", "--seed", "1", "-n", "2",
+         "--dtype", "float32", "--device", "cpu", "-o", "o.png", "--json", "--lora", "l:0.5", "--fuse-lora",
+         "--quant", "int8", "--offload", "none", "--compile", "-q"],
+        ["models"],
+        ["bench", "--preset", "nano", "--random-weights", "--size", "128", "--steps", "2", "--dtype", "float32",
+         "--threads", "1", "--vs", "diffusers", "--repeats", "1", "--cache-dir", "c", "--offload", "none",
+         "--quant", "int8", "--prequantized", "--device", "cpu", "--compile"],
+        ["train", "lora", "--base", "nano-base", "--data", "d", "--out", "o", "--rank", "4", "--alpha", "4",
+         "--targets", "attn", "--size", "64", "--save-every", "10", "--sample-prompt", "s", "--caption-dropout",
+         "0.1", "--lora", "l", "--concept", "bar", "-n", "3", "--prior", "2", "--prior-images", "model",
+         "--device", "cpu", "--steps", "5", "--batch", "2", "--seed", "1", "--lr", "1e-3"],
+        ["eval", "-m", "nano", "--n", "2", "--tasks", "single", "--steps", "2", "--seed", "1", "--dtype", "float32",
+         "--device", "cpu", "--grid", "g.png", "--json", "--quant", "int8", "--lora", "l", "--offload", "none"],
+        ["serve", "-m", "nano", "--host", "0.0.0.0", "--port", "0", "--api-key", "k", "--cors-origin", "o",
+         "--max-pixels", "9", "--max-n", "2", "--max-images", "1", "--max-upload-bytes", "9",
+         "--max-image-pixels", "9", "--max-steps", "9", "--max-queue", "2", "--max-batch", "2", "--output-dir",
+         "d", "--ttl", "9", "--preview-every", "0", "--cache-size", "0", "--log-level", "debug", "--dtype",
+         "float32", "--device", "cpu", "--vae", "v", "--text-encoder", "t", "--preset", "nano"],
+        ["quantize", "m", "o", "--format", "nvfp4", "--report", "--quality", "2", "--matmul", "--device", "cpu"],
+    ):
+        args = parser.parse_args(argv)
+        assert args.command == argv[0]
+    gen = parser.parse_args(["generate", "p"])
+    assert gen.offload == "model" and gen.num_images == 1 and gen.out == "out.png"
+    bench = parser.parse_args(["bench"])
+    assert (bench.dtype, bench.device, bench.offload) == ("bfloat16", "cpu", "model")

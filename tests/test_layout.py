@@ -107,3 +107,20 @@ def test_files_and_functions_stay_small():
                     long_functions.append(f"{name}.{node.name}: {n} lines")
     assert not long_files, long_files
     assert not long_functions, long_functions
+
+
+def test_the_project_describes_the_software_not_how_its_work_was_organised():
+    import re
+
+    root = PACKAGE.parents[1]
+    prose = re.compile(r"\bsessions?\b|\blent\b|\bissues? ?#?\d+|\(issue\b", re.IGNORECASE)
+    code = re.compile(r"\bsession[- ]\d+|\blent\b|\bissue ?#?\d+", re.IGNORECASE)
+    found = []
+    for path in [root / "README.md", root / "BENCHMARKS.md", *sorted((root / "docs").glob("*.md"))]:
+        found += [f"{path.name}:{i}" for i, line in enumerate(path.read_text().splitlines(), 1) if prose.search(line)]
+    for folder in ("src", "tests", "tools"):
+        for path in sorted((root / folder).rglob("*")):
+            if path.suffix in (".py", ".sh", ".html") and path.resolve() != Path(__file__).resolve():
+                text = path.read_text(errors="replace")
+                found += [f"{path.name}:{i}" for i, line in enumerate(text.splitlines(), 1) if code.search(line)]
+    assert not found, found

@@ -220,6 +220,11 @@ def test_server_images_follow_the_cli_seed_rule(server, model_dir, tmp_path, cap
     # The same noise, bit for bit; a batch of two rounds its float32 matmuls a little differently than one image.
     assert max_diff(second.convert("RGB"), Image.open(out).convert("RGB")) <= 1
     assert json.loads(second.text["kleinbild"])["seed"] == 9
+    # A server PNG carries what makes it again on the command line, alone.
+    served = tmp_path / "served.png"
+    served.write_bytes(base64.b64decode(r.json()["data"][1]["b64_json"]))
+    assert main(["generate", "--from", str(served), "-o", str(tmp_path / "again.png"), "-q"]) == 0
+    assert max_diff(Image.open(tmp_path / "again.png").convert("RGB"), Image.open(out).convert("RGB")) == 0
 
 
 # ---------------------------------------------------------------- bad input: 4xx, OpenAI-shaped, never a 500
