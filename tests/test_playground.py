@@ -85,6 +85,6 @@ def test_generate_then_edit_from_the_gallery(tmp_path):
         finally:
             browser.close()
         edits = [j for j in srv.app.state.worker.jobs.values() if j.delivery.kind == "edit"]
-        assert len(edits) == 1 and edits[0].state == "succeeded" and len(edits[0].request.references) == 1
+        assert len(edits) == 1 and edits[0].state == "succeeded" and edits[0].reference_sizes == ((64, 64),)
         assert edits[0].request.prompt == "make the circle green"
         assert not problems, problems

@@ -3,7 +3,9 @@ real HTTP on loopback. The end-to-end runs with a real model are in test_server.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import json
 import threading
 import time
 
@@ -14,7 +16,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from fake_pipeline import FakePipeline, colour_of  # noqa: E402
-from serving import assert_openai_error, image_of, live, sse_events  # noqa: E402
+from serving import assert_openai_error, image_of, live, png_bytes, sse_events  # noqa: E402
 
 SMALL = {"size": "128x128", "steps": 2}
 
@@ -212,3 +214,75 @@ def test_fifty_concurrent_requests_all_answered(fake):
         p95 = sorted(health_ms)[int(0.95 * (len(health_ms) - 1))]
         print(f"\n50 concurrent: {codes.count(200)} x 200, {codes.count(429)} x 429, /health under load: median "
               f"{np.median(health_ms):.1f} ms, p95 {p95:.1f} ms ({len(health_ms)} probes)")
+
+
+def test_a_full_queue_refuses_before_decoding_any_image(fake, monkeypatch):
+    from kleinbild.serve import protocol
+
+    decoded: list[int] = []
+    real = protocol.decode_image
+    monkeypatch.setattr(protocol, "decode_image", lambda *a: decoded.append(1) or real(*a))
+    fake.gate = threading.Event()
+    with live(fake, max_queue=1) as srv:
+        c = srv.client
+        c.post("/v1/jobs", json={"prompt": "running", **SMALL})
+        assert fake.entered.wait(10)
+        c.post("/v1/jobs", json={"prompt": "waiting", **SMALL})
+        r = c.post("/v1/images/edits", data={"prompt": "x"}, files=[("image", ("a.png", b"not an image", "image/png"))])
+        assert_openai_error(r, 429, code="queue_full")
+        assert decoded == [], "a refused request's images were decoded"
+        fake.gate.set()
+
+
+def test_a_finished_job_keeps_only_what_the_api_returns(fake):
+    with live(fake) as srv:
+        b64 = base64.b64encode(png_bytes(128, 128)).decode()
+        job = srv.client.post("/v1/jobs", json={"prompt": "edit", "images": [b64], "response_format": "url",
+                                                **SMALL}).json()
+        final = sse_events(srv.client, job["id"])[-1][2]
+        assert final["status"] == "succeeded" and final["request"]["references"] == 1
+        kept = srv.app.state.worker.jobs[job["id"]]
+        held = sum(r.width * r.height for r in kept.request.references) + sum(len(o.data) for o in kept.outputs)
+        assert held == 0 and kept.request.noise is None, "references and url results are not held by the job"
+        assert kept.reference_sizes == ((128, 128),) and final["result"]["usage"]["input_tokens_details"][
+            "image_tokens"] == 64
+
+
+@pytest.mark.parametrize("body", [
+    b'{"prompt": "a", "user": ' + b"9" * 5000 + b"}",
+    b'{"prompt": "a", "n": ' + b"1" * 4400 + b"}",
+])
+def test_integers_past_the_conversion_limit_are_bad_json(fake, body):
+    with live(fake) as srv:
+        r = srv.client.post("/v1/images/generations", content=body, headers={"content-type": "application/json"})
+        assert_openai_error(r, 400, code="invalid_json")
+        assert srv.client.get("/health").status_code == 200, "the connection and the server live on"
+
+
+def test_digits_of_other_scripts_are_refused(fake):
+    with live(fake) as srv:
+        c = srv.client
+        assert_openai_error(c.post("/v1/images/generations", json={"prompt": "a", "size": "１２８x１２８"}), 400,
+                            "size")
+        png = png_bytes(128, 128)
+        for field, value in (("n", "２"), ("steps", "٣"), ("guidance", "１.５")):
+            r = c.post("/v1/images/edits", data={"prompt": "a", field: value},
+                       files=[("image", ("a.png", png, "image/png"))])
+            assert_openai_error(r, 400, field)
+
+
+def test_empty_api_keys_are_refused_at_start(fake, capsys):
+    from kleinbild.cli import main
+    from kleinbild.serve import ServerSettings
+
+    with pytest.raises(ValueError, match="API key is empty"):
+        ServerSettings(api_keys=("good", ""))
+    assert main(["serve", "--api-key", "", "--port", "0"]) == 2
+    assert "API key is empty" in capsys.readouterr().err
+
+
+def test_a_nul_in_the_prompt_stays_out_of_png_text(fake):
+    with live(fake) as srv:
+        r = srv.client.post("/v1/images/generations", json={"prompt": "a\u0000b", **SMALL})
+        img = image_of(r.json()["data"][0])
+        assert "\x00" not in img.text["prompt"] and json.loads(img.text["kleinbild"])["prompt"] == "a\u0000b"

@@ -106,7 +106,8 @@ def encode_png(img: Image.Image, settings: dict[str, Any]) -> bytes:
     info = PngImagePlugin.PngInfo()
     for k, v in settings.items():
         if v is not None and not isinstance(v, (dict, list, tuple)):
-            info.add_text(k, str(v))
+            # PNG text may not hold NUL; the JSON below keeps the exact value (json.dumps escapes it).
+            info.add_text(k, str(v).replace("\x00", "\\0"))
     info.add_text(PNG_SETTINGS_KEY, json.dumps(settings))
     buf = io.BytesIO()
     img.save(buf, format="PNG", pnginfo=info)

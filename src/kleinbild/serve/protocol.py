@@ -51,8 +51,8 @@ def _bad(message: str, param: str | None = None, code: str = "invalid_value") ->
 # ---------------------------------------------------------------- request fields
 
 _IMAGE_KEY = re.compile(r"^image(\[\d*\])?$")
-_SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
-_INT = re.compile(r"^[+-]?\d{1,20}$")
+_SIZE = re.compile(r"^\s*([0-9]{1,6})\s*[xX×]\s*([0-9]{1,6})\s*$", re.ASCII)
+_INT = re.compile(r"^[+-]?[0-9]{1,20}$", re.ASCII)
 # OpenAI parameters that change nothing here and are safe to accept.
 _IGNORED = frozenset({"user", "safety_identifier", "quality", "style", "moderation", "input_fidelity", "complexity"})
 _UNSUPPORTED = {
@@ -120,6 +120,8 @@ class Fields:
             return None
         if self.from_form and isinstance(v, str):
             try:
+                if not v.isascii():  # float() reads other scripts' digits; a number on the wire is ASCII
+                    raise ValueError(v)
                 v = float(v)
             except ValueError:
                 raise _bad(f"{name} must be a number, got {v!r}", name, "invalid_type") from None
@@ -164,8 +166,8 @@ async def read_request(request: HttpRequest, settings: ServerSettings, *, allow_
         raw = await request.body()
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _bad(f"the body is not valid JSON ({e})", None, "invalid_json") from None
+        except ValueError as e:  # bad UTF-8, bad JSON, or an integer past Python's 4300-digit conversion limit
+            raise _bad(f"the body is not valid JSON ({str(e)[:200]})", None, "invalid_json") from None
         except RecursionError:
             raise _bad("the body's JSON is nested too deeply", None, "invalid_json") from None
         if not isinstance(body, dict):
@@ -380,7 +382,7 @@ def images_response(job: Job, base_url: str) -> dict[str, Any]:
         data.append(item)
     ds = d.downscale
     text_tokens = int(st.get("text_tokens", 0))
-    image_tokens = sum((w // ds) * (h // ds) for w, h in (r.size for r in s.references))
+    image_tokens = sum((w // ds) * (h // ds) for w, h in job.reference_sizes)
     out_tokens = len(job.outputs) * (s.width // ds) * (s.height // ds)
     return {
         "created": int(job.created),
@@ -402,7 +404,7 @@ def images_response(job: Job, base_url: str) -> dict[str, Any]:
             "seeds": [o.seed for o in job.outputs],
             "steps": s.steps,
             "guidance": s.guidance,
-            "references": len(s.references),
+            "references": len(job.reference_sizes),
             "batch_size": job.batch_size,
             "seconds": st.get("seconds"),
             "timings": st.get("timings", {}),
@@ -426,7 +428,7 @@ def job_view(job: Job, base_url: str) -> dict[str, Any]:
         "batch_size": job.batch_size,
         "request": {"prompt": s.prompt, "size": f"{s.width}x{s.height}", "n": s.num_images,
                     "seeds": list(s.seeds), "steps": s.steps, "guidance": s.guidance,
-                    "references": len(s.references), "response_format": d.response_format,
+                    "references": len(job.reference_sizes), "response_format": d.response_format,
                     "output_format": d.output_format},
         "result": images_response(job, base_url) if job.state == SUCCEEDED else None,
         "error": job.error.body()["error"] if job.error else None,

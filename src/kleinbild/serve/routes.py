@@ -60,6 +60,7 @@ class Service:
 
     async def make_job(self, request: Request, kind: str) -> Job:
         pipe = self.ready_pipe()
+        self._room()
         fields, images = await read_request(request, self.settings, allow_form=kind != "generation")
         if kind == "generation" and images:
             raise _bad("generations take no image; send references to /v1/images/edits (or /v1/jobs)", "image",
@@ -72,10 +73,15 @@ class Service:
         try:
             return self.worker.submit(job)
         except QueueFull as e:
-            raise ApiError(429, f"the server is busy: {e}", code="queue_full", type="rate_limit_error",
-                           headers={"Retry-After": str(e.retry_after)}) from None
+            raise _busy(e) from None
         except NotReady as e:
             raise ApiError(503, str(e), code="not_ready", headers={"Retry-After": "5"}) from None
+
+    def _room(self) -> None:
+        try:
+            self.worker.check_room()
+        except QueueFull as e:
+            raise _busy(e) from None
 
     async def answer(self, request: Request, job: Job) -> JSONResponse:
         assert job.done is not None
@@ -244,6 +250,11 @@ async def _events(job: Job, base: str, start: int) -> AsyncIterator[str]:
             await asyncio.wait_for(job.changed.wait(), timeout=15)
         except TimeoutError:
             yield ": keep-alive\n\n"  # also how a gone client is noticed
+
+
+def _busy(e: QueueFull) -> ApiError:
+    return ApiError(429, f"the server is busy: {e}", code="queue_full", type="rate_limit_error",
+                    headers={"Retry-After": str(e.retry_after)})
 
 
 def _model_id(pipe: KleinPipeline) -> str:

@@ -29,3 +29,10 @@ class ServerSettings:
     prompt_cache: int = 32
     reference_cache: int = 32
     model_id: str | None = None
+
+    def __post_init__(self) -> None:
+        # An empty key (an unset $KEY on the command line) would make `Authorization: Bearer` with no token pass.
+        if any(not k.strip() for k in self.api_keys):
+            raise ValueError("an API key is empty (an unset variable on the command line?); give non-empty keys "
+                             "or none")
+

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from kleinbild import __version__
@@ -103,6 +103,11 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
 
+    reference_sizes: tuple[tuple[int, int], ...] = ()  # what the API reports after the references are dropped
+
+    def __post_init__(self) -> None:
+        self.reference_sizes = tuple(r.size for r in self.request.references)
+
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
@@ -110,6 +115,10 @@ class Job:
     @property
     def n(self) -> int:
         return self.request.num_images
+
+    def drop_inputs(self) -> None:
+        """A finished job keeps only what the API returns: its reference pixels (and any noise) go."""
+        self.request = replace(self.request, references=(), reference_digests=(), noise=None)
 
 
 @dataclass
@@ -195,6 +204,12 @@ class Worker:
     def retry_after(self) -> int:
         batches_ahead = 1 + len(self._pending) / max(1, self.limits.max_batch)
         return max(1, math.ceil(self._job_seconds * batches_ahead))
+
+    def check_room(self) -> None:
+        """Raise QueueFull now when a job could not be queued, before its images are decoded for nothing."""
+        if len(self._pending) >= self.limits.max_queue:
+            self.metrics.inc("kleinbild_jobs_rejected_total", reason="queue_full")
+            raise QueueFull(self.retry_after())
 
     def submit(self, job: Job) -> Job:
         if self.status != "ready":
@@ -286,6 +301,7 @@ class Worker:
             return
         job.state, job.error = state, error
         job.outputs, job.settings = outputs or [], settings or {}
+        job.drop_inputs()
         job.finished = time.time()
         if job.events:
             self._drop_preview(job)
