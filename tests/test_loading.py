@@ -218,3 +218,72 @@ def test_release_file_pages_keeps_values_and_skips_anonymous_memory(tmp_path):
     anon = torch.randn(1024, 1024)
     copy = anon.clone()
     assert release_file_pages([anon]) == 0 and torch.equal(anon, copy)
+
+
+def _cli_error(capsys, *argv: str) -> str:
+    from kleinbild.cli import main
+
+    argv = ["generate", "x", "--dtype", "float32", "--device", "cpu", "-W", "64", "-H", "64", "-s", "1", "-q", *argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_corrupt_single_files_are_one_line_naming_the_file(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(0)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    good = tmp_path / "good.safetensors"
+    save_file({"img_in.weight": torch.zeros(64, 32)}, str(good))
+    raw = good.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    header = tmp_path / "header.safetensors"
+    header.write_bytes(raw[:8] + b"\xff" * 12 + raw[20:])  # the JSON header broken
+    for f in (junk, empty, truncated, header):
+        err = _cli_error(capsys, "--model", str(f), "--vae", str(f), "--text-encoder", str(tmp_path))
+        assert str(f) in err and "not a readable .safetensors file" in err, err
+    err = _cli_error(capsys, "--model", str(good), "--vae", str(good), "--text-encoder", str(tmp_path))
+    assert str(good) in err and "does not hold a FLUX.2 transformer" in err
+
+
+def _damaged_copy(tmp_path: Path, capsys) -> Path:
+    import shutil
+
+    _, folder = reference_pipeline("distilled", deep_text=True)
+    capsys.readouterr()
+    dst = tmp_path / "model"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_damaged_folders_are_one_line_naming_what_is_wrong(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = _damaged_copy(tmp_path, capsys)
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    for key in ("x_embedder.weight", next(k for k in state if k.endswith("attn.to_q.weight"))):
+        save_file({**state, key: state[key].to(torch.int32)}, str(weights))
+        err = _cli_error(capsys, "--model", str(model))
+        assert "floating-point" in err and f"{key} is int32" in err, err
+
+    model = _damaged_copy(tmp_path / "b", capsys)
+    (model / "tokenizer" / "tokenizer.json").write_text('{"model": {"vocab": [1, 2]}}')
+    err = _cli_error(capsys, "--model", str(model))
+    assert "tokenizer.json is not a valid tokenizer file" in err, err
+
+    model = _damaged_copy(tmp_path / "c", capsys)
+    (model / "transformer" / "config.json").write_text('{"num_layers": "two"}')
+    err = _cli_error(capsys, "--model", str(model))
+    assert "transformer/config.json is not a usable transformer config" in err, err
+
+    model = _damaged_copy(tmp_path / "d", capsys)
+    (model / "text_encoder" / "config.json").write_text('{"hidden_size": 8, "num_hidden_layers": 28}')
+    err = _cli_error(capsys, "--model", str(model))
+    assert "text_encoder/config.json is not a usable text encoder config" in err, err

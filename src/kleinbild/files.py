@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 # ComfyUI-saved single files prefix the official names.
@@ -44,13 +44,36 @@ def safetensors_files(folder: Path, stem: str) -> list[Path]:
     raise ModelNotFoundError(f"no .safetensors weights in {folder}")
 
 
-def read_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
+class CorruptFileError(ValueError):
+    """A weight file that cannot be read as safetensors (truncated, empty, not safetensors at all)."""
+
+
+def unreadable(path: str | Path, e: BaseException) -> CorruptFileError:
+    detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return CorruptFileError(f"{path} is not a readable .safetensors file ({detail}); it may be truncated or "
+                            "corrupt: download or convert it again")
+
+
+# What safetensors raises on a bad file: its own error (a Rust panic's message), or OS and value errors.
+_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError)
+
+
+def read_header(files: Iterable[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """(shape, dtype name such as "BF16") of every tensor in the files, from their headers only."""
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                shapes[k] = tuple(fh.get_slice(k).get_shape())
-    return shapes
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    sl = fh.get_slice(k)
+                    out[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        except _READ_ERRORS as e:
+            raise unreadable(f, e) from None
+    return out
+
+
+def read_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
+    return {k: shape for k, (shape, _) in read_header(files).items()}
 
 
 def read_tensors(
@@ -61,11 +84,14 @@ def read_tensors(
     """Read the tensors whose (renamed) key is wanted; the others are never read from disk."""
     out: dict[str, Tensor] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                name = rename(k)
-                if wanted(name):
-                    out[name] = fh.get_tensor(k)
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    name = rename(k)
+                    if wanted(name):
+                        out[name] = fh.get_tensor(k)
+        except _READ_ERRORS as e:
+            raise unreadable(f, e) from None
     return out
 
 

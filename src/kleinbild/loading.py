@@ -56,12 +56,40 @@ def load_into(model: nn.Module, state: dict[str, Tensor], what: str, device: tor
         if wrong:
             parts.append(f"shape mismatches {wrong[:4]}")
         raise ValueError(f"{what} does not match the model: " + "; ".join(parts))
+    _check_dtypes(state, what, expected)
     converted = {}
     for k, t in state.items():
         keep_dtype = not t.is_floating_point() or k.startswith("bn.")  # BatchNorm statistics stay float32
         converted[k] = t.to(device=device, dtype=None if keep_dtype else dtype)
     model.load_state_dict(converted, strict=True, assign=True)
     model.eval().requires_grad_(False)
+
+
+def _check_dtypes(state: dict[str, Tensor], what: str, expected: dict[str, Tensor] | None = None) -> None:
+    """Integer tensors where the model holds floats (every tensor, without `expected`) are a damaged file."""
+    wrong = [f"{k} is {str(t.dtype).removeprefix('torch.')}" for k, t in state.items()
+             if (expected is None or expected[k].is_floating_point()) and not t.is_floating_point()]
+    if wrong:
+        raise ValueError(f"{what}: tensors that must hold floating-point weights do not: {', '.join(wrong[:4])}"
+                         f"{' ...' if len(wrong) > 4 else ''} (a damaged or mis-converted file?)")
+
+
+def _config(build: Callable[[dict], Any], path: Path, what: str) -> Any:
+    """A config object from a JSON file; missing or ill-typed fields are an error naming the file."""
+    try:
+        return build(_read_json(path))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, ModelNotFoundError):
+            raise
+        raise ModelNotFoundError(f"{path} is not a usable {what} config ({type(e).__name__}: {e})") from None
+
+
+def _from_shapes(build: Callable[[dict], Any], shapes: dict, path: Path, what: str) -> Any:
+    try:
+        return build(shapes)
+    except (KeyError, IndexError, ValueError) as e:
+        detail = f"no tensor {e}" if isinstance(e, KeyError) else str(e)
+        raise ModelNotFoundError(f"{path} does not hold a {what}: {detail}") from None
 
 
 def _read_json(path: Path) -> dict:
@@ -179,7 +207,7 @@ def _text_encoder_parts(path: Path) -> tuple[list[Path], dict, Path]:
         )
     if not (tok / "tokenizer.json").is_file():
         raise ModelNotFoundError(f"no tokenizer.json in {tok}; the text encoder folder must hold its tokenizer")
-    return safetensors_files(te, "model"), _read_json(te / "config.json"), tok
+    return safetensors_files(te, "model"), {**_read_json(te / "config.json"), "_path": str(te / "config.json")}, tok
 
 
 def _ae_parts(path: Path) -> tuple[list[Path], str]:
@@ -213,7 +241,12 @@ def _with_configs(template: ModelPreset, dit: DiTConfig, ae: AEConfig, text: Tex
 def _text_config(cfg: dict, template: ModelPreset, text_layers: tuple[int, ...] | None, max_len: int | None):
     over = {"out_layers": tuple(text_layers) if text_layers else template.text.out_layers}
     over["max_length"] = max_len or template.text.max_length
-    return TextEncoderConfig.from_hf(cfg, **over)
+    fields = {k: v for k, v in cfg.items() if k != "_path"}
+    try:
+        return TextEncoderConfig.from_hf(fields, **over)
+    except (KeyError, TypeError) as e:  # a ValueError (layers vs taps) already says what is wrong
+        raise ModelNotFoundError(f"{cfg.get('_path', 'the text encoder config')} is not a usable text encoder "
+                                 f"config ({type(e).__name__}: {e})") from None
 
 
 def diffusers_files(
@@ -225,9 +258,9 @@ def diffusers_files(
         raise ModelNotFoundError(
             f"{root / 'model_index.json'} names pipeline {klass!r}; kleinbild runs {sorted(_PIPELINE_CLASSES)}"
         )
-    dit_cfg = DiTConfig.from_diffusers(_read_json(root / "transformer" / "config.json"))
+    dit_cfg = _config(DiTConfig.from_diffusers, root / "transformer" / "config.json", "transformer")
     template = _behaviour(klass, bool(index.get("is_distilled", False)), dit_cfg.hidden_size)
-    ae_cfg = AEConfig.from_diffusers(_read_json(root / "vae" / "config.json"))
+    ae_cfg = _config(AEConfig.from_diffusers, root / "vae" / "config.json", "autoencoder")
     text_files, text_cfg, tok = _text_encoder_parts(root)
     text = _text_config(text_cfg, template, text_layers, max_text_length)
     return ModelFiles(
@@ -256,7 +289,7 @@ def single_file_files(
         raise ModelNotFoundError(
             f"{dit_path} uses diffusers tensor names; pass the whole diffusers folder (with model_index.json)"
         )
-    dit_cfg = DiTConfig.from_state_dict_shapes(shapes)
+    dit_cfg = _from_shapes(DiTConfig.from_state_dict_shapes, shapes, dit_path, "FLUX.2 transformer")
     if preset is not None:
         template = get_preset(preset)
     else:
@@ -278,9 +311,10 @@ def single_file_files(
         )
     ae_files, ae_layout = _ae_parts(vae)
     if ae_layout == "diffusers":
-        ae_cfg = AEConfig.from_diffusers(_read_json(ae_files[0].parent / "config.json"))
+        ae_cfg = _config(AEConfig.from_diffusers, ae_files[0].parent / "config.json", "autoencoder")
     else:
-        ae_cfg = AEConfig.from_state_dict_shapes(read_shapes(ae_files), template.ae.norm_groups)
+        ae_cfg = _from_shapes(lambda s: AEConfig.from_state_dict_shapes(s, template.ae.norm_groups),
+                              read_shapes(ae_files), ae_files[0], "FLUX.2 autoencoder")
     text_files, text_cfg, tok = _text_encoder_parts(text_encoder)
     text = _text_config(text_cfg, template, text_layers, max_text_length)
     return ModelFiles(
@@ -388,6 +422,8 @@ def dit_state(files: ModelFiles) -> dict[str, Tensor]:
     sd = read_tensors(files.dit_files, rename=strip_prefix if files.dit_layout == "bfl" else lambda k: k)
     if files.dit_layout != "diffusers":
         return sd
+    # Checked before q/k/v are fused: concatenation would quietly promote an integer tensor to float.
+    _check_dtypes(sd, f"transformer {files.dit_files[0]}")
     out = dit_from_diffusers(sd)
     # The re-fused q/k/v are new tensors; their mapped sources were read once and are not needed again.
     kept = {id(t) for t in out.values()}
@@ -412,11 +448,9 @@ def text_state(files: ModelFiles, wanted: Callable[[str], bool]) -> dict[str, Te
 def read_transformer(model: str | Path) -> dict[str, Tensor]:
     """The transformer of a model (a .safetensors file in official or diffusers naming, a diffusers folder, a preset
     or a repo id) as an official-named state dict, without loading anything else."""
-    from safetensors.torch import load_file
-
     p = Path(model).expanduser()
     if p.is_file():
-        state = {strip_prefix(k): v for k, v in load_file(str(p)).items()}
+        state = read_tensors([p], rename=strip_prefix)
         return dit_from_diffusers(state) if is_diffusers_dit(set(state)) else state
     if p.is_dir():
         # Only the transformer is read: a diffusers pipeline folder, or its transformer/ folder itself.

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kleinbild.files import strip_prefix
+from kleinbild.files import read_header, read_tensors, strip_prefix
 from kleinbild.quant import (
     BLOCK,
     QuantWeight,
@@ -146,14 +146,7 @@ def from_file_tensors(state: dict[str, Tensor]) -> dict[str, QuantWeight]:
 def logical_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
     """Tensor shapes of a (possibly quantized) official file as the unquantized model has them: scale and marker
     tensors dropped, packed NVFP4 weights at their full width, ComfyUI prefixes stripped. Reads headers only."""
-    from safetensors import safe_open
-
-    raw: dict[str, tuple[tuple[int, ...], str]] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                sl = fh.get_slice(k)
-                raw[strip_prefix(k)] = (tuple(sl.get_shape()), sl.get_dtype())
+    raw = {strip_prefix(k): v for k, v in read_header(files).items()}
     out = {}
     for k, (shape, dtype) in raw.items():
         name, _, leaf = k.rpartition(".")
@@ -198,9 +191,7 @@ def save_quantized(
 
 def load_quantized_file(path: Path | str) -> tuple[dict[str, Tensor], dict[str, QuantWeight]]:
     """(plain tensors, quantized layers) of a single file, prefixes stripped."""
-    from safetensors.torch import load_file
-
-    state = {strip_prefix(k): v for k, v in load_file(str(path)).items()}
+    state = read_tensors([Path(path)], rename=strip_prefix)
     layers = from_file_tensors(state)
     return state, layers
 

@@ -166,7 +166,10 @@ class PromptTokenizer:
             config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{folder / 'tokenizer_config.json'} is not valid JSON: {e}") from None
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises bare Exceptions on malformed files
+            raise ValueError(f"{folder / 'tokenizer.json'} is not a valid tokenizer file ({e})") from None
 
         _add_config_tokens(tok, config, folder)
 
