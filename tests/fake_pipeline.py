@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from kleinbild.config import get_preset
-from kleinbild.pipeline import GenerationResult
 from kleinbild.request import Request, validate
+from kleinbild.result import GenerationResult
 
 
 def colour_of(seed: int, prompt: str) -> tuple[int, int, int]:

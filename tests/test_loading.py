@@ -287,3 +287,42 @@ def test_damaged_folders_are_one_line_naming_what_is_wrong(tmp_path, capsys):
     (model / "text_encoder" / "config.json").write_text('{"hidden_size": 8, "num_hidden_layers": 28}')
     err = _cli_error(capsys, "--model", str(model))
     assert "text_encoder/config.json is not a usable text encoder config" in err, err
+
+
+def test_non_finite_weights_in_a_file_are_refused_naming_the_tensor(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    for part, stem, value in (("transformer", "diffusion_pytorch_model", float("nan")),
+                              ("vae", "diffusion_pytorch_model", float("inf")),
+                              ("text_encoder", "model", float("nan"))):
+        model = _damaged_copy(tmp_path / part, capsys)
+        files = sorted((model / part).glob(f"{stem}*.safetensors"))
+        state = load_file(str(files[0]))
+        # A tensor the loader reads: the text encoder's loader skips the layers after the last tap.
+        key = next(k for k, t in state.items() if t.ndim >= 2 and (part != "text_encoder" or "layers.0." in k))
+        bad = state[key].clone()
+        bad.view(-1)[0] = value
+        save_file({**state, key: bad}, str(files[0]))
+        err = _cli_error(capsys, "--model", str(model))
+        assert "NaN or Inf" in err and str(files[0]) in err, err
+
+
+def test_a_stage_that_makes_nan_is_named_instead_of_a_black_image():
+    from kleinbild.pipeline import NonFiniteError
+
+    _, folder = reference_pipeline("distilled", deep_text=True)
+    pipe = KleinPipeline.from_pretrained(folder, device="cpu", dtype="float32")
+    for module, component in ((pipe.text_encoder.model.layers[0].mlp.down_proj, "text encoder"),
+                              (pipe.transformer.final_layer.linear, "transformer"),
+                              (pipe.autoencoder.decoder.conv_out, "decoder")):
+        saved = module.weight.detach().clone()
+        with torch.no_grad():
+            module.weight[(0,) * module.weight.ndim] = float("nan")
+        try:
+            with pytest.raises(NonFiniteError, match=component):
+                pipe.generate("a dot", width=64, height=64, steps=1, seed=0)
+        finally:
+            with torch.no_grad():
+                module.weight.copy_(saved)
+    pipe.clear_caches()
+    assert np.asarray(pipe.generate("a dot", width=64, height=64, steps=1, seed=0).images[0]).std() > 0

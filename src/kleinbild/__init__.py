@@ -8,10 +8,11 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from kleinbild.loading import LoadOptions
-    from kleinbild.pipeline import GenerationResult, KleinPipeline
+    from kleinbild.pipeline import KleinPipeline
     from kleinbild.request import Request
+    from kleinbild.result import GenerationResult
 
-_LAZY = {"KleinPipeline": "pipeline", "GenerationResult": "pipeline", "LoadOptions": "loading", "Request": "request"}
+_LAZY = {"KleinPipeline": "pipeline", "GenerationResult": "result", "LoadOptions": "loading", "Request": "request"}
 
 
 def __getattr__(name: str) -> Any:

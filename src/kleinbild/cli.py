@@ -15,7 +15,8 @@ from kleinbild import __version__
 
 if TYPE_CHECKING:
     from kleinbild.loading import LoadOptions
-    from kleinbild.pipeline import GenerationResult, KleinPipeline
+    from kleinbild.pipeline import KleinPipeline
+    from kleinbild.result import GenerationResult
 
 
 def _int_at_least(minimum: int, what: str):

@@ -30,6 +30,7 @@ from kleinbild.files import (
 )
 from kleinbild.images import InputError
 from kleinbild.quant_file import logical_shapes
+from kleinbild.result import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,19 @@ def load_into(model: nn.Module, state: dict[str, Tensor], what: str, device: tor
     for k, t in state.items():
         keep_dtype = not t.is_floating_point() or k.startswith("bn.")  # BatchNorm statistics stay float32
         converted[k] = t.to(device=device, dtype=None if keep_dtype else dtype)
+    _check_finite(converted, what, dtype)
     model.load_state_dict(converted, strict=True, assign=True)
     model.eval().requires_grad_(False)
+
+
+def _check_finite(state: dict[str, Tensor], what: str, dtype: torch.dtype) -> None:
+    """A NaN or Inf weight would turn every image black without a word: refuse it, naming the tensor. Checked in
+    the load dtype, so a value that overflows it (float16) is caught too."""
+    bad = [k for k, t in state.items() if t.is_floating_point() and t.dtype.itemsize > 1 and not all_finite(t)]
+    if bad:
+        raise ValueError(f"{what}: {len(bad)} tensor(s) hold NaN or Inf values in "
+                         f"{str(dtype).removeprefix('torch.')}, e.g. {', '.join(bad[:3])}; the file is damaged "
+                         "(or its values overflow this dtype: try bfloat16)")
 
 
 def _check_dtypes(state: dict[str, Tensor], what: str, expected: dict[str, Tensor] | None = None) -> None:

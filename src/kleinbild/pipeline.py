@@ -6,7 +6,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from kleinbild.loading import (
 )
 from kleinbild.quant_file import prepare_quantized
 from kleinbild.request import ImageInput, Request, validate
+from kleinbild.result import GenerationCancelled, GenerationResult, NonFiniteError, check_finite
 from kleinbild.text_encoder import Qwen3TextEncoder, text_encoder_wanted_keys
 from kleinbild.tokenizer import PromptTokenizer
 from kleinbild.transformer import Flux2Transformer, KVCache
@@ -40,30 +40,6 @@ log = logging.getLogger(__name__)
 
 # step (1-based, steps done), total steps, current latent (B, C, h, w) in float32
 ProgressCallback = Callable[[int, int, Tensor], None]
-
-
-@dataclass
-class GenerationResult:
-    images: list[Image.Image]
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def image_settings(self, index: int) -> dict[str, Any]:
-        """Everything that makes image `index` again on its own: its own seed, n = 1, the references used (sizes and
-        content digests), the model, dtype, quantization and LoRAs. What kleinbild writes into each PNG."""
-        s = self.settings
-        seeds = s.get("seeds") or []
-        keep = ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "dtype", "quant", "loras")
-        out = {k: s.get(k) for k in keep}
-        out["model"], out["preset"] = s.get("source") or s.get("model"), s.get("model")
-        out["seed"] = seeds[index] if index < len(seeds) else None
-        out["num_images"] = 1
-        out["references"] = [{"size": size, "digest": digest} for size, digest in
-                             zip(s.get("references", []), s.get("reference_digests", []), strict=True)]
-        return out
-
-
-class GenerationCancelled(Exception):
-    """Raise it from a progress callback to stop a generation after the current step; it leaves generate()."""
 
 
 class KleinPipeline:
@@ -292,7 +268,7 @@ class KleinPipeline:
             out = te(ids.to(self.device), mask.to(self.device)).to(self.dtype)
         if self.offload != "none" and self._can_reload:
             self._text_encoder = None  # its touched pages go back to the page cache, out of this process
-        return out
+        return check_finite(out, "text encoder", self.dtype)  # before any cache can keep it
 
     def prompt_tokens(self, prompt: str) -> int:
         """How many tokens of the text encoder's input the prompt fills (chat template included, padding not)."""
@@ -302,13 +278,14 @@ class KleinPipeline:
     def encode_images(self, images: Sequence[Image.Image]) -> list[Tensor]:
         """Each prepared reference image -> (1, C, h, w) normalised latent."""
         with self._stage("autoencoder"):
-            return [self.autoencoder.encode(to_tensor(im).to(self.device, self.dtype)) for im in images]
+            return [check_finite(self.autoencoder.encode(to_tensor(im).to(self.device, self.dtype)),
+                                 "autoencoder's encoder", self.dtype) for im in images]
 
     @torch.inference_mode()
     def decode(self, latent: Tensor) -> list[Image.Image]:
         with self._stage("autoencoder"):
             decode = self._compiled.get("decode", self.autoencoder.decode)
-            return to_pil(decode(latent.to(self.device, self.dtype)))
+            return to_pil(check_finite(decode(latent.to(self.device, self.dtype)), "autoencoder's decoder", self.dtype))
 
     # ------------------------------------------------------------ caches
 
@@ -584,7 +561,7 @@ class KleinPipeline:
         noise = torch.cat([r.initial_noise(p.ae.latent_channels, p.ae.downscale) for r in reqs])
         try:
             with self._stage("transformer"):
-                return sampling.euler(noise.to(dev), timesteps, velocity, on_step)
+                return check_finite(sampling.euler(noise.to(dev), timesteps, velocity, on_step), "transformer", dt)
         finally:
             timings["denoise"] = time.perf_counter() - t0
 
@@ -595,3 +572,6 @@ def _load_text_encoder(
     state = text_state(files, text_encoder_wanted_keys(te.cfg))
     load_into(te, state, f"text encoder {files.text_files[0]}", device, dtype)
     return te
+
+
+__all__ = ["GenerationCancelled", "GenerationResult", "KleinPipeline", "NonFiniteError", "ProgressCallback"]

@@ -30,8 +30,9 @@ from kleinbild.serve.store import OutputStore, encode_image
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from kleinbild.pipeline import GenerationResult, KleinPipeline
+    from kleinbild.pipeline import KleinPipeline
     from kleinbild.request import Request
+    from kleinbild.result import GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +347,7 @@ class Worker:
                     self._running = []
 
     def _run(self, batch: list[Job]) -> None:
-        from kleinbild.pipeline import GenerationCancelled
+        from kleinbild.result import GenerationCancelled
 
         live = [j for j in batch if not j.cancel.is_set()]
         if not live:
@@ -400,7 +401,7 @@ class Worker:
     def _generate(self, jobs: list[Job]) -> list[list[GenerationResult]]:
         """Each job's results: one for a batch of jobs; one per chunk for a lone job larger than `max_batch`
         (by the seed rule the chunks make the same images as the whole)."""
-        from kleinbild.pipeline import GenerationCancelled
+        from kleinbild.result import GenerationCancelled
 
         pipe = self.pipe
         assert pipe is not None
