@@ -177,3 +177,15 @@ def test_python_dash_m_and_every_command_parse():
     assert gen.offload == "model" and gen.num_images == 1 and gen.out == "out.png"
     bench = parser.parse_args(["bench"])
     assert (bench.dtype, bench.device, bench.offload) == ("bfloat16", "cpu", "model")
+
+
+def test_notes_are_printed_once(model_dir, tmp_path, capsys):
+    assert main(["generate", "x", "-m", model_dir, "--guidance", "3", "-W", "64", "-H", "64", "-s", "1",
+                 "--dtype", "float32", "-o", str(tmp_path / "g.png")]) == 0
+    assert capsys.readouterr().err.count("ignored") == 1
+
+
+def test_nano_says_when_a_size_is_one_it_was_not_trained_at(tmp_path, capsys):
+    assert main(["generate", "a big red circle in the centre on a blue background", "-W", "256", "-H", "256",
+                 "-s", "1", "-o", str(tmp_path / "n.png")]) == 0
+    assert "trained at 128 px only" in capsys.readouterr().err

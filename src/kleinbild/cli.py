@@ -570,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("kleinbild.request").setLevel(logging.ERROR)  # its notes are printed once, as notes
     command = _commands().get(args.command)
     if command is None:
         parser.error(f"unknown command {args.command!r}")

@@ -227,6 +227,9 @@ class ModelPreset:
     max_ref_pixels_single: int = 2024**2
     max_ref_pixels_multi: int = 1024**2
     default_size: int = 1024
+    # Output areas (pixels) the model was trained on, lowest and highest; None: no known bound. Outside it a
+    # model makes noise rather than a bigger picture, so a request there gets a note.
+    trained_pixels: tuple[int, int] | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
     bundled: bool = False  # weights ship inside the package (kleinbild/weights/<bundle>/)
     bundle: str = ""
@@ -265,8 +268,10 @@ _NANO = dict(
     kv_cache_refs=False,
     repo_id="",
     default_size=128,
-    max_ref_pixels_single=256**2,
-    max_ref_pixels_multi=256**2,
+    # Trained at 128x128 only, references included: larger ones are scaled to it.
+    trained_pixels=(128 * 128, 128 * 128),
+    max_ref_pixels_single=128**2,
+    max_ref_pixels_multi=128**2,
     bundled=True,
     bundle="nano",
 )

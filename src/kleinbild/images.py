@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
 
 MIN_SIDE = 64
@@ -69,11 +69,12 @@ def center_crop_multiple(img: Image.Image, multiple: int) -> Image.Image:
 
 
 def prepare_reference(img: Image.Image, max_pixels: int, multiple: int, index: int = 0) -> Image.Image:
-    """RGB, size checks, downscale cap, centre crop to a multiple of the token size."""
+    """Upright (EXIF orientation applied), RGB, size checks, downscale cap, centre crop to a multiple of the token
+    size."""
     if not isinstance(img, Image.Image):
         raise InputError(f"reference image {index} is a {type(img).__name__}; pass a PIL image or a file path",
                          "images")
-    img = img.convert("RGB")
+    img = ImageOps.exif_transpose(img).convert("RGB")  # a phone's portrait JPEG is stored sideways
     check_reference(img, index)
     return center_crop_multiple(cap_pixels(img, max_pixels), multiple)
 

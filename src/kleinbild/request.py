@@ -123,6 +123,7 @@ def validate(
     guidance, negative_prompt = _guidance(preset, guidance, negative_prompt, notes)
     refs = _references(preset, images)
     w, h = _size(preset, width, height, refs, max_pixels, notes)
+    _untrained_size(preset, w, h, notes)
     seed = _seed(seed, num_images, noise, (num_images, preset.ae.latent_channels, h // preset.ae.downscale,
                                               w // preset.ae.downscale))
     digests = tuple(content_key(b"reference", im.mode.encode(), f"{im.size}".encode(), im.tobytes()) for im in refs)
@@ -201,6 +202,17 @@ def _default_size(preset: ModelPreset, refs: list[Image.Image], max_pixels: int,
         raise InputError(f"the default size {w}x{h} cannot fit {max_pixels} pixels; pass a size", "width")
     notes.append(f"size {w}x{h} scaled to {fw}x{fh} to fit {max_pixels / 1e6:.2f} megapixels")
     return fw, fh
+
+
+def _untrained_size(preset: ModelPreset, w: int, h: int, notes: list[str]) -> None:
+    if preset.trained_pixels is None:
+        return
+    lo, hi = preset.trained_pixels
+    if not lo <= w * h <= hi:
+        side = preset.default_size
+        known = f"{math.isqrt(lo)} px" if lo == hi else f"{lo / 1e6:.2f}-{hi / 1e6:.2f} megapixels"
+        notes.append(f"{preset.name} was trained at {known} only; at {w}x{h} expect noise rather than a picture "
+                     f"(use {side}x{side})")
 
 
 def _square(max_pixels: int, m: int) -> str:
