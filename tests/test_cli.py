@@ -42,9 +42,9 @@ def test_numbered_outputs_and_edit(model_dir, tmp_path, capsys):
     rc = main(["generate", "make it blue", "-m", model_dir, "--image", str(src), "-n", "2", "--seed", "1",
                "--dtype", "float32", "--out", str(tmp_path / "edit.png"), "--json"])
     assert rc == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[:2] == [str(tmp_path / "edit-0.png"), str(tmp_path / "edit-1.png")]
-    settings = json.loads(lines[2])
+    settings = json.loads(capsys.readouterr().out)  # with --json, stdout is one JSON object
+    assert settings["outputs"] == [{"path": str(tmp_path / "edit-0.png"), "seed": 1},
+                                   {"path": str(tmp_path / "edit-1.png"), "seed": 2}]
     assert settings["references"] == [[80, 64]] and settings["num_images"] == 2
     a, b = (np.asarray(Image.open(tmp_path / f"edit-{i}.png"), np.int16) for i in range(2))
     assert a.shape == (64, 80, 3) and np.abs(a - b).max() > 3, "two images from one batch differ"
@@ -189,3 +189,36 @@ def test_nano_says_when_a_size_is_one_it_was_not_trained_at(tmp_path, capsys):
     assert main(["generate", "a big red circle in the centre on a blue background", "-W", "256", "-H", "256",
                  "-s", "1", "-o", str(tmp_path / "n.png")]) == 0
     assert "trained at 128 px only" in capsys.readouterr().err
+
+
+def test_output_formats_overwrites_and_early_errors(model_dir, tmp_path, capsys):
+    common = ["-m", model_dir, "--dtype", "float32", "-W", "64", "-H", "64", "-s", "1", "--seed", "3"]
+    assert main(["generate", "a dot", *common, "-o", str(tmp_path / "a.jpg")]) == 0
+    assert Image.open(tmp_path / "a.jpg").format == "JPEG" and not (tmp_path / "a.jpg.png").exists()
+    assert "replacing" not in capsys.readouterr().err
+    assert main(["generate", "a dot", *common, "-o", str(tmp_path / "a.jpg")]) == 0
+    assert f"replacing {tmp_path / 'a.jpg'}" in capsys.readouterr().err
+    # JPEG and WebP carry the settings too: --from works on them.
+    assert main(["generate", "--from", str(tmp_path / "a.jpg"), "-o", str(tmp_path / "b.webp"), "-q"]) == 0
+    assert Image.open(tmp_path / "b.webp").format == "WEBP"
+    assert json.loads(Image.open(tmp_path / "b.webp").getexif()[0x010E])["kleinbild"]["seed"] == 3
+    # Refused before any weight is read.
+    for argv, message in ((["-o", str(tmp_path / "a.gif")], "name the output .png, .jpg or .webp"),
+                          (["-W", "32"], "too small"), (["--image", str(tmp_path / "none.png")], "does not exist")):
+        assert main(["generate", "a dot", "-m", model_dir, *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "loaded" not in err, err
+
+
+def test_a_bad_command_line_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "x", "--steps", "zero"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--steps" in err and "see kleinbild generate --help" in err, err
+
+
+def test_python_loads_nano_without_an_argument():
+    from kleinbild import KleinPipeline
+
+    assert KleinPipeline.from_pretrained().preset.name == "nano"

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kleinbild import __version__
+from kleinbild import __version__, cli_train
 
 if TYPE_CHECKING:
     from kleinbild.loading import LoadOptions
@@ -34,22 +34,8 @@ def _int_at_least(minimum: int, what: str):
 
 _positive_int = _int_at_least(1, "value")
 _seed = _int_at_least(0, "seed")
-_MIX_KINDS = ("t2i", "edit", "compose", "drill", "loose")
 _QUANT_FORMATS = ("fp8", "nvfp4", "int8")
 _DTYPES = ("bfloat16", "float16", "float32")
-
-
-def _mix(text: str) -> tuple[float, ...]:
-    """Batch-kind weights "t2i,edit,compose[,drill[,loose]]", e.g. 0.2,0.6,0.1,0.05,0.05."""
-    try:
-        weights = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        weights = ()
-    if not 3 <= len(weights) <= len(_MIX_KINDS) or min(weights) < 0 or sum(weights) <= 0:
-        raise argparse.ArgumentTypeError(
-            f"mix must be 3 to 5 non-negative weights for {','.join(_MIX_KINDS)} (not all zero), got {text!r}"
-        )
-    return weights
 
 
 # ---------------------------------------------------------------- the model flags, declared once
@@ -147,61 +133,6 @@ def _bench_parser(sub: Any) -> None:
                    "(as `kleinbild quantize` does; not timed) and load it, instead of quantizing on every load")
 
 
-def _train_parser(sub: Any) -> None:
-    t = sub.add_parser("train", help="train the nano models on the shapes world (CPU-friendly, resumable), or a LoRA "
-                       "(train lora --base MODEL --data DIR --out DIR)")
-    t.add_argument("stage", choices=["tokenizer", "ae", "base", "distill", "bundle", "all", "lora", "lora-data",
-                                     "lora-eval"])
-    t.add_argument("--run", default="runs/nano", help="run folder: checkpoints and outputs (default: runs/nano)")
-    t.add_argument("--steps", type=_positive_int, help="training steps of the stage (default: the recipe's)")
-    t.add_argument("--batch", type=_positive_int, help="batch size (default: the recipe's)")
-    t.add_argument("--seed", type=_seed, default=0)
-    t.add_argument("--lr", type=float, help="peak learning rate of the stage (default: the recipe's; lora: 5e-4)")
-    t.add_argument("--mix", type=_mix, help="base, distill: weights of the batch kinds t2i,edit,compose,drill,loose "
-                   "(default: the recipe's; e.g. 0.2,0.6,0.1,0.05,0.05 for an edit-heavy continuation)")
-    t.add_argument("--image-guidance", type=float, help="distill: the teacher's guidance towards the reference "
-                   "images on edit and composition batches (default: the recipe's; 1 is plain CFG)")
-    t.add_argument("--chunks", type=_positive_int, help="distill: teacher trajectory batches to record")
-    t.add_argument("--on-policy", type=float, help="distill: fraction of steps trained on the student's own "
-                   "rollouts, the teacher's guided velocity there as the target (0 to 1; default 0)")
-    t.add_argument("--stop-at", type=_positive_int, help="base: stop at this step (a checkpoint is written), keeping "
-                   "the learning-rate schedule of --steps; resume later with a larger value")
-    t.add_argument("--workers", type=_positive_int, help="base: processes that draw the batches ahead (worth it "
-                   "on a GPU machine; default: none, batches drawn in the training process with a latent cache)")
-    t.add_argument("--init", help="start a new run from these weights instead of from scratch: base: a run's "
-                   "base folder (dit.safetensors and text_encoder/); distill: a student dit.safetensors; ae: an "
-                   "ae.safetensors")
-    t.add_argument("--decoder-only", action="store_true", help="ae: train the decoder alone from --init (the "
-                   "encoder and latent statistics stay, so DiTs trained on them stay valid)")
-    t.add_argument("--bundle-to", help="bundle: destination folder (default: the package's weights/nano)")
-    t.add_argument("--device", help="lora, base, distill: cpu, cuda, ... (default: lora the best available, "
-                   "base and distill the CPU)")
-    _lora_training_flags(t.add_argument_group("LoRA (stages lora, lora-data, lora-eval)"))
-
-
-def _lora_training_flags(lo: Any) -> None:
-    lo.add_argument("--base", default="nano-base", help="lora: the model to adapt (default: nano-base)")
-    lo.add_argument("--data", help="lora: folder of images with NAME.txt captions, or a metadata.jsonl; "
-                    "lora-data: where to write the concept examples")
-    lo.add_argument("--out", help="lora: output folder (checkpoints, samples, lora.safetensors)")
-    lo.add_argument("--rank", type=_positive_int, default=16)
-    lo.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
-    lo.add_argument("--targets", choices=["blocks", "attn"], default="blocks")
-    lo.add_argument("--size", type=_positive_int, help="training side in px (default: the model's default size)")
-    lo.add_argument("--save-every", type=_positive_int, default=100)
-    lo.add_argument("--sample-prompt", help="prompt of the sample image saved with each checkpoint")
-    lo.add_argument("--caption-dropout", type=float, help="lora: share of empty prompts (default 0.1)")
-    lo.add_argument("--lora", help="lora-eval: the trained adapter")
-    lo.add_argument("--concept", default="bar",
-                    help="lora-data / lora-eval: the concept shape (bar, ring, cross, diamond)")
-    lo.add_argument("-n", type=_positive_int, default=20, help="lora-data / lora-eval: examples")
-    lo.add_argument("--prior", type=int, default=0, help="lora-data: also write this many ordinary shapes-world "
-                    "examples (prior preservation: unrelated prompts stay as they were)")
-    lo.add_argument("--prior-images", choices=["render", "model"], default="render",
-                    help="lora-data: prior images drawn by the world's renderer (default), or generated by --base "
-                    "(DreamBooth's way; measured no better here, see docs/lora.md)")
-
-
 def _eval_parser(sub: Any) -> None:
     e = sub.add_parser("eval", help="score a model with the shapes-world analyser on held-out prompts")
     add_model_flags(e, default="nano")
@@ -257,14 +188,21 @@ def _quantize_parser(sub: Any) -> None:
     q.add_argument("--device")
 
 
+class _Parser(argparse.ArgumentParser):
+    """One line for a bad command line (what is wrong, and where the help is), not a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kleinbild", description="Run the FLUX.2 [klein] image models.")
+    parser = _Parser(prog="kleinbild", description="Run the FLUX.2 [klein] image models.")
     parser.add_argument("--version", action="version", version=f"kleinbild {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _generate_parser(sub)
     sub.add_parser("models", help="list the presets and where each is available locally")
     _bench_parser(sub)
-    _train_parser(sub)
+    cli_train.add_parser(sub, _positive_int, _seed)
     _eval_parser(sub)
     _serve_parser(sub)
     _quantize_parser(sub)
@@ -289,10 +227,16 @@ def _progress(quiet: bool):
     return show
 
 
+_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
 def output_paths(out: str, n: int) -> list[Path]:
+    """The files to write: the name's own format (.png, .jpg, .webp; none given: .png), numbered when n > 1."""
     p = Path(out)
-    if p.suffix.lower() != ".png":
-        p = p.with_suffix(p.suffix + ".png") if p.suffix else p.with_suffix(".png")
+    if not p.suffix:
+        p = p.with_suffix(".png")
+    if p.suffix.lower() not in _FORMATS:
+        raise ValueError(f"cannot write {p.suffix!r} images ({out}); name the output .png, .jpg or .webp")
     if n == 1:
         return [p]
     return [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
@@ -309,9 +253,9 @@ def png_settings(result: GenerationResult, index: int, image_paths: list[str]) -
 
 def _from_png(args: argparse.Namespace) -> dict[str, Any]:
     """Fill what the flags leave open from a kleinbild PNG's settings (flags win)."""
-    from kleinbild.images import read_png_settings
+    from kleinbild.images import read_settings
 
-    s = read_png_settings(args.from_png)
+    s = read_settings(args.from_png)
     for name in ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "dtype", "quant"):
         if getattr(args, name, None) is None and s.get(name) is not None:
             setattr(args, name, s[name])
@@ -335,20 +279,25 @@ def _check_references(original: dict[str, Any], digests: tuple[str, ...]) -> Non
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from kleinbild.loading import locate_with
     from kleinbild.pipeline import KleinPipeline
+    from kleinbild.request import validate
 
     original = _from_png(args) if args.from_png else None
     if args.prompt is None:
         raise ValueError("give a prompt (or --from PNG to make an image again)")
     args.model = args.model or _default_model()
     paths = output_paths(args.out, args.num_images)
+    options = load_options(args)
+    files = locate_with(args.model, options)
+    # Checked against the model's preset before its weights are read: a bad size or image fails at once.
+    req = validate(files.preset, args.prompt, args.image or None, width=args.width, height=args.height,
+                   steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
+                   num_images=args.num_images)
     t0 = time.perf_counter()
-    pipe = KleinPipeline.from_pretrained(args.model, load_options(args))
+    pipe = KleinPipeline.from_located(files, options, source=str(args.model))
     if not args.quiet:
         sys.stderr.write(f"loaded {pipe.preset.name} on {pipe.device} ({time.perf_counter() - t0:.1f}s)\n")
-    req = pipe.request(args.prompt, args.image or None, width=args.width, height=args.height, steps=args.steps,
-                       guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
-                       num_images=args.num_images)
     if original is not None:
         _check_references(original, req.reference_digests)
     result = pipe.run([req], _progress(args.quiet))[0]
@@ -357,16 +306,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _report(pipe: KleinPipeline, result: GenerationResult, paths: list[Path], args: argparse.Namespace) -> None:
-    from kleinbild.images import encode_png
+    from kleinbild.images import encode_image
 
     for note in result.settings["notes"]:
         sys.stderr.write(f"note: {note}\n")
     for i, (img, path) in enumerate(zip(result.images, paths, strict=True)):
+        if path.exists():
+            sys.stderr.write(f"note: replacing {path}\n")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode_png(img, png_settings(result, i, args.image)))
-        print(path)
-    if args.json:
-        print(json.dumps(result.settings))
+        path.write_bytes(encode_image(img, _FORMATS[path.suffix.lower()], png_settings(result, i, args.image)))
+        if not args.json:
+            print(path)
+    if args.json:  # one JSON object on stdout, nothing else
+        outputs = [{"path": str(p), "seed": s} for p, s in zip(paths, result.settings["seeds"], strict=False)]
+        print(json.dumps({**result.settings, "outputs": outputs}))
     elif not args.quiet:
         s = result.settings
         seeds = s["seeds"]
@@ -375,88 +328,6 @@ def _report(pipe: KleinPipeline, result: GenerationResult, paths: list[Path], ar
 
 
 # ---------------------------------------------------------------- the other commands
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from kleinbild.config import get_preset
-    from kleinbild.nano import distill, train
-
-    run = Path(args.run)
-    base = get_preset("nano-base")
-
-    def with_overrides(cfg):
-        given = (("steps", args.steps), ("batch", args.batch), ("chunks", args.chunks), ("lr", args.lr),
-                 ("stop_at", args.stop_at), ("device", args.device), ("workers", args.workers),
-                 ("init", args.init), ("decoder_only", args.decoder_only), ("mix", args.mix),
-                 ("image_guidance", args.image_guidance), ("on_policy", args.on_policy))
-        over = {k: v for k, v in given if v is not None}  # 0 is a value (and refused by the stage), not absent
-        over = {k: v for k, v in over.items() if k in {f.name for f in dataclasses.fields(cfg)}}
-        return dataclasses.replace(cfg, seed=args.seed, **over)
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-
-    if args.stage.startswith("lora"):
-        return _train_lora(args)
-    stages = ["tokenizer", "ae", "base", "distill", "bundle"] if args.stage == "all" else [args.stage]
-    for stage in stages:
-        if stage == "tokenizer":
-            train.train_tokenizer(run / "tokenizer", seed=args.seed, say=say)
-        elif stage == "ae":
-            train.train_autoencoder(run, base, with_overrides(train.AEArgs()), say=say)
-        elif stage == "base":
-            train.train_base(run, base, with_overrides(train.FlowArgs()), say=say)
-        elif stage == "distill":
-            distill.train_distill(run, base, with_overrides(distill.DistillArgs()), say=say)
-        elif stage == "bundle":
-            train.export_bundle(run, Path(args.bundle_to) if args.bundle_to else None, say=say)
-    return 0
-
-
-def _train_lora(args: argparse.Namespace) -> int:
-    from kleinbild import train_lora as tl
-    from kleinbild.loading import LoadOptions
-    from kleinbild.nano import concepts
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-
-    if args.stage == "lora-data":
-        if not args.data:
-            raise ValueError("lora-data needs --data DIR: where to write the concept examples")
-        prior_pipe = None
-        if args.prior_images == "model" and args.prior:
-            from kleinbild.pipeline import KleinPipeline
-
-            prior_pipe = KleinPipeline.from_pretrained(args.base, LoadOptions(device=args.device))
-        folder = concepts.make_concept_data(Path(args.data), args.concept, n=args.n, seed=args.seed, prior=args.prior,
-                                      prior_pipe=prior_pipe)
-        print(folder)
-        return 0
-    if args.stage == "lora-eval":
-        from kleinbild.pipeline import KleinPipeline
-
-        if not args.lora:
-            raise ValueError("lora-eval needs --lora FILE (the trained adapter)")
-        pipe = KleinPipeline.from_pretrained(args.base, LoadOptions(device=args.device, loras=(args.lora,)))
-        report = concepts.concept_eval(pipe, args.concept, n=args.n, seed=1000 + args.seed)
-        print(json.dumps(report, indent=2))
-        return 0
-    if not args.data or not args.out:
-        raise ValueError("train lora needs --data DIR (captioned images) and --out DIR")
-    fields = dict(rank=args.rank, alpha=args.alpha, lr=args.lr or 5e-4, targets=args.targets, size=args.size,
-                  save_every=args.save_every, sample_prompt=args.sample_prompt, seed=args.seed)
-    if args.caption_dropout is not None:
-        fields["caption_dropout"] = args.caption_dropout
-    if args.steps:
-        fields["steps"] = args.steps
-    if args.batch:
-        fields["batch"] = args.batch
-    tl.train_lora(args.base, Path(args.data), Path(args.out), tl.LoraArgs(**fields), say=say,
-                  load_options=LoadOptions(device=args.device))
-    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -563,7 +434,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _commands() -> dict[str, Any]:
     return {"generate": cmd_generate, "models": lambda _args: cmd_models(), "bench": cmd_bench,
-            "train": cmd_train, "eval": cmd_eval, "serve": cmd_serve, "quantize": cmd_quantize}
+            "train": cli_train.cmd_train, "eval": cmd_eval, "serve": cmd_serve, "quantize": cmd_quantize}
 
 
 def main(argv: list[str] | None = None) -> int:

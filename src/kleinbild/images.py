@@ -98,28 +98,41 @@ def psnr(a: Any, b: Any) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-PNG_SETTINGS_KEY = "kleinbild"
+SETTINGS_KEY = "kleinbild"
+_EXIF_DESCRIPTION = 0x010E  # ImageDescription: where JPEG and WebP files carry the settings
 
 
-def encode_png(img: Image.Image, settings: dict[str, Any]) -> bytes:
-    """PNG bytes carrying `settings`: each scalar as its own text chunk (what image viewers show), and the whole
-    dict as JSON under `kleinbild` (what `read_png_settings` reads back)."""
-    info = PngImagePlugin.PngInfo()
-    for k, v in settings.items():
-        if v is not None and not isinstance(v, (dict, list, tuple)):
-            # PNG text may not hold NUL; the JSON below keeps the exact value (json.dumps escapes it).
-            info.add_text(k, str(v).replace("\x00", "\\0"))
-    info.add_text(PNG_SETTINGS_KEY, json.dumps(settings))
+def encode_image(img: Image.Image, fmt: str, settings: dict[str, Any], quality: int = 95) -> bytes:
+    """PNG, JPEG or WebP bytes carrying `settings` (see `read_settings`): PNG as text chunks (each scalar on its
+    own, for image viewers, and the whole dict as JSON under `kleinbild`), JPEG and WebP as EXIF JSON."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG", pnginfo=info)
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        for k, v in settings.items():
+            if v is not None and not isinstance(v, (dict, list, tuple)):
+                # PNG text may not hold NUL; the JSON below keeps the exact value (json.dumps escapes it).
+                info.add_text(k, str(v).replace("\x00", "\\0"))
+        info.add_text(SETTINGS_KEY, json.dumps(settings))
+        img.save(buf, format="PNG", pnginfo=info)
+        return buf.getvalue()
+    if fmt not in ("jpeg", "webp"):
+        raise ValueError(f"unknown image format {fmt!r}; use png, jpeg or webp")
+    exif = Image.Exif()
+    exif[_EXIF_DESCRIPTION] = json.dumps({SETTINGS_KEY: settings})  # ASCII: json.dumps escapes the rest
+    img.convert("RGB").save(buf, format=fmt.upper(), quality=max(1, min(quality, 100)), exif=exif)
     return buf.getvalue()
 
 
-def read_png_settings(path: str | Path) -> dict[str, Any]:
-    """The settings a kleinbild PNG was made with (see `encode_png`)."""
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """The settings a kleinbild image was made with (see `encode_image`)."""
     img = open_image(path)
-    raw = getattr(img, "text", {}).get(PNG_SETTINGS_KEY)
+    raw = getattr(img, "text", {}).get(SETTINGS_KEY)
     if raw is None:
+        try:
+            raw = json.dumps(json.loads(img.getexif().get(_EXIF_DESCRIPTION, "")).get(SETTINGS_KEY))
+        except (ValueError, AttributeError):
+            raw = None
+    if raw is None or raw == "null":
         raise InputError(f"{str(path)!r} carries no kleinbild settings (it was not written by kleinbild, or its "
                          "metadata was stripped)")
     try:
@@ -129,4 +142,3 @@ def read_png_settings(path: str | Path) -> dict[str, Any]:
     if not isinstance(settings, dict) or not isinstance(settings.get("prompt"), str):
         raise InputError(f"{str(path)!r}: its kleinbild settings hold no prompt")
     return settings
-

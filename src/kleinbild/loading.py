@@ -317,10 +317,9 @@ def single_file_files(
             raise ModelNotFoundError(f"no autoencoder given and no {guess}; pass --vae ae.safetensors or a vae/ folder")
         vae = guess
     if text_encoder is None:
-        raise ModelNotFoundError(
-            f"{dit_path} holds only the transformer; pass --text-encoder with a Qwen3 folder "
-            f"(e.g. the text_encoder/ + tokenizer/ of {template.repo_id})"
-        )
+        example = f" (e.g. the text_encoder/ + tokenizer/ of {template.repo_id})" if template.repo_id else ""
+        raise ModelNotFoundError(f"{dit_path} holds only the transformer; pass --text-encoder with a Qwen3 "
+                                 f"folder{example}")
     ae_files, ae_layout = _ae_parts(vae)
     if ae_layout == "diffusers":
         ae_cfg = _config(AEConfig.from_diffusers, ae_files[0].parent / "config.json", "autoencoder")
@@ -406,6 +405,12 @@ def locate(
     raise ModelNotFoundError(
         f"model {text!r} is not a folder, a file, a preset ({', '.join(PRESETS)}) or a Hugging Face repo id"
     )
+
+
+def locate_with(model: str | Path, options: LoadOptions) -> ModelFiles:
+    """`locate` with the parts and overrides a LoadOptions names."""
+    o = options
+    return locate(model, o.vae, o.text_encoder, o.preset, o.text_layers, o.max_text_length)
 
 
 def bundled_dir(preset: ModelPreset) -> Path:

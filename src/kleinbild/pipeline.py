@@ -24,7 +24,7 @@ from kleinbild.loading import (
     ae_state,
     dit_state,
     load_into,
-    locate,
+    locate_with,
     pick_device,
     pick_dtype,
     text_state,
@@ -90,7 +90,8 @@ class KleinPipeline:
     # ------------------------------------------------------------ loading
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, options: LoadOptions | None = None, **changes: Any) -> KleinPipeline:
+    def from_pretrained(cls, model: str | Path = "nano", options: LoadOptions | None = None, **changes: Any
+                        ) -> KleinPipeline:
         """Load from a diffusers folder, an official single file (+ `vae` and `text_encoder`), a preset or a repo id.
 
         `options` (a `LoadOptions`) or keyword arguments of the same names, which win over `options`:
@@ -104,8 +105,13 @@ class KleinPipeline:
         for tiny test models).
         """
         o = (options or LoadOptions()).with_changes(**changes)
-        files = locate(model, o.vae, o.text_encoder, o.preset, o.text_layers, o.max_text_length)
-        pipe = cls.from_files(files, device=o.device, dtype=o.dtype, source=str(model), quant=o.quant,
+        return cls.from_located(locate_with(model, o), o, source=str(model))
+
+    @classmethod
+    def from_located(cls, files: ModelFiles, options: LoadOptions, source: str = "") -> KleinPipeline:
+        """Load what `locate_with` found (so a caller can check a request against `files.preset` first)."""
+        o = options
+        pipe = cls.from_files(files, device=o.device, dtype=o.dtype, source=source, quant=o.quant,
                               offload_mode=o.offload_mode)
         for spec in o.loras:
             path, scale = lora.parse_spec(spec) if isinstance(spec, (str, Path)) else spec

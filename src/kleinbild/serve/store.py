@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import secrets
 import shutil
 import tempfile
@@ -13,7 +12,7 @@ from typing import Any
 
 from PIL import Image
 
-from kleinbild.images import encode_png
+from kleinbild import images
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
@@ -78,13 +77,5 @@ class OutputStore:
 
 
 def encode_image(img: Image.Image, fmt: str, compression: int, meta: dict[str, Any]) -> bytes:
-    """PNG (lossless, with `meta` as its settings, as the CLI writes them), JPEG or WebP at `compression` quality."""
-    if fmt == "png":
-        return encode_png(img, meta)
-    buf = io.BytesIO()
-    quality = max(1, min(compression, 100))
-    if fmt == "jpeg":
-        img.convert("RGB").save(buf, format="JPEG", quality=quality)
-    else:
-        img.save(buf, format="WEBP", quality=quality)
-    return buf.getvalue()
+    """PNG (lossless), JPEG or WebP at `compression` quality, each carrying `meta` as the CLI writes it."""
+    return images.encode_image(img, fmt, meta, quality=compression)
