@@ -449,11 +449,20 @@ def test_cli_serve_runs_and_stops(model_dir):
     assert rc == 0
 
 
-def test_cli_serve_exits_when_the_model_cannot_load(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "kleinbild.cli", "serve", "--model", str(tmp_path / "missing"), "--port",
-         str(_free_port()), "--log-level", "error"],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert proc.returncode == 1
-    assert "missing" in proc.stderr
+def test_cli_serve_fails_at_once_in_one_line(tmp_path):
+    """A missing model, a port out of range and a port in use: one error line, exit 2, nothing announced."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        for args, message in ((["--model", str(tmp_path / "missing")], "missing"),
+                              (["--port", "99999"], "port must be from 0 to 65535"),
+                              (["--port", str(busy.getsockname()[1])], "cannot listen on 127.0.0.1")):
+            proc = subprocess.run([sys.executable, "-m", "kleinbild.cli", "serve", "--log-level", "error", *args],
+                                  capture_output=True, text=True, timeout=60, env=env)
+            err = proc.stderr.strip()
+            assert proc.returncode == 2 and message in err and len(err.splitlines()) == 1, (proc.returncode, err)
+            assert "Uvicorn running" not in proc.stdout + err
+    finally:
+        busy.close()

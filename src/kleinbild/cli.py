@@ -33,6 +33,13 @@ def _int_at_least(minimum: int, what: str):
 
 
 _positive_int = _int_at_least(1, "value")
+
+
+def _port(text: str) -> int:
+    v = _int_at_least(0, "port")(text)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"port must be from 0 to 65535, got {text!r}")
+    return v
 _seed = _int_at_least(0, "seed")
 _QUANT_FORMATS = ("fp8", "nvfp4", "int8")
 _DTYPES = ("bfloat16", "float16", "float32")
@@ -148,7 +155,7 @@ def _serve_parser(sub: Any) -> None:
     v = sub.add_parser("serve", help="HTTP server: OpenAI-compatible images API, async jobs with progress, playground")
     add_model_flags(v, default=_default_model())
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    v.add_argument("--port", type=_int_at_least(0, "port"), default=8000)
+    v.add_argument("--port", type=_port, default=8000, help="TCP port (default: 8000; 0: any free one)")
     v.add_argument("--api-key", action="append", default=[],
                    help="require 'Authorization: Bearer KEY' on /v1 and /metrics (repeatable; also "
                    "$KLEINBILD_API_KEYS, comma-separated)")

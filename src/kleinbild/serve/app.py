@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
@@ -161,9 +162,16 @@ def api_keys_from_env() -> list[str]:
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None,
           load_options: LoadOptions | None = None, log_level: str = "info") -> int:
-    """Run the server until interrupted; 1 if the model failed to load."""
+    """Run the server until interrupted; 1 if the model failed to load.
+
+    What can fail at once fails before anything starts, as one error: a model that is not there (its files are
+    located, not loaded) and an address that cannot be bound. The weights then load in the background."""
     import uvicorn
 
+    from kleinbild.loading import LoadOptions, locate_with
+
+    locate_with(model, load_options or LoadOptions())
+    sock = _listen(host, port)
     failed: list[BaseException] = []
     holder: dict[str, uvicorn.Server] = {}
 
@@ -178,10 +186,28 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, settings: Se
     server = uvicorn.Server(config)
     holder["server"] = server
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it already handled with a graceful shutdown
         pass
+    finally:
+        sock.close()
     return 1 if failed else 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (uvicorn listens on it), or an OSError that says which address failed."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, OverflowError) as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 __all__ = ["ServerSettings", "api_keys_from_env", "create_app", "serve"]
