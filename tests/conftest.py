@@ -6,3 +6,8 @@ from pathlib import Path
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
+
+
+def pytest_configure(config):
+    # Our own code must not warn: a warning raised from kleinbild's modules fails the test that caused it.
+    config.addinivalue_line("filterwarnings", "error:::kleinbild")

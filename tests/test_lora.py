@@ -258,6 +258,8 @@ def pair():
 @functools.cache
 def _pair():
     """A tiny Flux2KleinPipeline of its own (the shared one must not get adapters) and kleinbild's copy of it."""
+    import atexit
+    import shutil
     import tempfile
 
     from diffusers import Flux2KleinPipeline
@@ -267,7 +269,9 @@ def _pair():
 
     ref = Flux2KleinPipeline(**build_components(seed=21), is_distilled=True)
     ref.set_progress_bar_config(disable=True)
-    folder = Path(tempfile.mkdtemp(prefix="kleinbild-lora-")) / "pipe"
+    root = tempfile.mkdtemp(prefix="kleinbild-lora-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    folder = Path(root) / "pipe"
     ref.save_pretrained(folder)
     ours = KleinPipeline.from_pretrained(folder, device="cpu", dtype="float32", text_layers=TEXT_LAYERS,
                                          max_text_length=MAX_TEXT)

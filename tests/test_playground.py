@@ -45,18 +45,23 @@ def test_generate_then_edit_from_the_gallery(tmp_path):
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         try:
             # The page's Content-Security-Policy stays on (it forbids eval): no wait_for_function here.
-            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            page = browser.new_page(viewport={"width": 1280, "height": 760})
             problems: list[str] = []
             page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
             page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
             page.goto(srv.url + "/")
             sync_api.expect(page.locator("#health")).to_have_class("ready")
             sync_api.expect(page.locator("#steps")).to_have_value("4")  # the model's default arrived
+            # Idle: the preview is a real (blank) image, not a broken one; the placeholder is a prompt nano draws.
+            sync_api.expect(page.locator("#preview")).to_have_js_property("naturalWidth", 1)
+            assert "at the top left on a blue background" in page.get_attribute("#prompt", "placeholder")
+            page.screenshot(path=str(tmp_path / "idle.png"), full_page=True)
 
-            page.fill("#prompt", "a red circle above a blue square")
+            page.fill("#prompt", "a small red circle at the top left on a blue background")
             page.fill("#size", "64x64")
             page.fill("#steps", "2")
             page.fill("#seed", "7")
+            page.select_option("#n", "2")
             page.click("#generate")
             first = page.locator(".card img.result").first
             sync_api.expect(first).to_be_visible()
@@ -64,7 +69,16 @@ def test_generate_then_edit_from_the_gallery(tmp_path):
             sync_api.expect(page.locator("#status")).to_contain_text("done")
             sync_api.expect(page.locator("#bar")).to_have_attribute("style", re.compile(r"width: 100%"))
             assert page.get_attribute("#preview", "src").startswith("data:image/jpeg;base64,")
-            sync_api.expect(page.locator(".card .meta").first).to_contain_text("seed 7")
+            # One job's images in seed order, and every button readable in full.
+            sync_api.expect(page.locator(".card .meta").nth(0)).to_contain_text("seed 7")
+            sync_api.expect(page.locator(".card .meta").nth(1)).to_contain_text("seed 8")
+            for i in range(page.locator(".card .btns > *").count()):
+                btn = page.locator(".card .btns > *").nth(i)
+                clipped = btn.evaluate("e => e.scrollWidth > e.clientWidth || e.getBoundingClientRect().right > "
+                                       "e.closest('.card').getBoundingClientRect().right")
+                assert not clipped, f"button {btn.inner_text()!r} is clipped"
+            page.screenshot(path=str(tmp_path / "result.png"), full_page=True)
+            page.select_option("#n", "1")
 
             # Back as a reference, plus a dropped file that is then removed again.
             page.click(".card .use")
@@ -77,7 +91,7 @@ def test_generate_then_edit_from_the_gallery(tmp_path):
 
             page.fill("#prompt", "make the circle green")
             page.click("#generate")
-            sync_api.expect(page.locator(".card img.result")).to_have_count(2)
+            sync_api.expect(page.locator(".card img.result")).to_have_count(3)
             sync_api.expect(page.locator(".card img.result").first).to_have_js_property("naturalWidth", 64)
             sync_api.expect(page.locator(".card .meta").first).to_contain_text("edit · 1 ref")
             shot = os.environ.get("KLEINBILD_SCREENSHOT") or str(tmp_path / "playground.png")

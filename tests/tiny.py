@@ -64,9 +64,13 @@ def build_components(seed: int = 0, text_layers: int = 4):
 
 @functools.cache
 def _tmp() -> str:
+    import atexit
+    import shutil
     import tempfile
 
-    return tempfile.mkdtemp(prefix="kleinbild-tiny-")
+    folder = tempfile.mkdtemp(prefix="kleinbild-tiny-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # shared by a whole test run, then gone
+    return folder
 
 
 @functools.cache

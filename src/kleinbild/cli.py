@@ -111,9 +111,11 @@ def _generate_parser(sub: Any) -> None:
     g.add_argument("--from", dest="from_png", metavar="PNG", help="make again the image this kleinbild PNG holds "
                    "(its prompt, seed, size, references and model); flags given beside it win")
     g.add_argument("--image", "-i", action="append", default=[], help="reference image (repeat for several)")
-    g.add_argument("--width", "-W", type=_positive_int)
-    g.add_argument("--height", "-H", type=_positive_int)
-    g.add_argument("--steps", "-s", type=_positive_int)
+    size = "default: the first reference's, else the model's (nano 128, klein 1024)"
+    g.add_argument("--width", "-W", type=_positive_int, help=f"pixels, rounded down to a multiple of 16 ({size})")
+    g.add_argument("--height", "-H", type=_positive_int, help=f"pixels ({size})")
+    g.add_argument("--steps", "-s", type=_positive_int, help="sampling steps (default: the model's, 4 distilled or "
+                   "50 base)")
     g.add_argument("--guidance", "-g", type=float, help="CFG scale (base models only)")
     g.add_argument("--negative-prompt", help="negative prompt (base models only; default empty)")
     g.add_argument("--seed", type=_seed, help="random seed; image i gets seed + i (default: a random one, printed)")
@@ -448,10 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("kleinbild.request").setLevel(logging.ERROR)  # its notes are printed once, as notes
     command = _commands().get(args.command)
     if command is None:
         parser.error(f"unknown command {args.command!r}")
+    notes = logging.getLogger("kleinbild.request")
+    level = notes.level
+    notes.setLevel(logging.ERROR)  # the request's notes are printed once, as notes, not also as warnings
     try:
         return command(args)
     except (ValueError, OSError) as e:
@@ -461,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    finally:
+        notes.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -359,7 +359,8 @@ class QuantLinear(nn.Module):
             xq = xc.to(torch.float32, copy=True).mul_(1.0 / sx).round_().to(torch.int8)
             y = torch._int_mm(xq, self.qdata.t())
             for j in range(0, y.shape[0], sub):
-                torch.mul(y[j : j + sub].float().mul_(sx[j : j + sub]), ws, out=out[i + j : i + j + sub])
+                k = min(sub, y.shape[0] - j)  # the last piece of a chunk is short: its out slice must be too
+                torch.mul(y[j : j + k].float().mul_(sx[j : j + k]), ws, out=out[i + j : i + j + k])
         return out
 
     def _native_nvfp4(self, x2: Tensor) -> Tensor:

@@ -309,12 +309,18 @@ def run(preset: str, device: str = "cuda", size: int = 1024, steps: int = 4, dty
         repeats: int = 5, vs: str | None = None, compile: bool = False, offload_modes: tuple[str, ...] = (),
         seed: int = 0, say: Say = print) -> dict[str, Any]:
     """Engines alternate, `repeats` end-to-end runs each after two warm-ups; then the memory modes, one at a time."""
+    with tempfile.TemporaryDirectory(prefix="kleinbild-bench-") as tmp:
+        return _run(preset, device, size, steps, dtype, repeats, vs, compile, offload_modes, seed, say,
+                    Path(tmp) / "tokenizer")
+
+
+def _run(preset: str, device: str, size: int, steps: int, dtype: str, repeats: int, vs: str | None, compile: bool,
+         offload_modes: tuple[str, ...], seed: int, say: Say, tok_dir: Path) -> dict[str, Any]:
     from kleinbild.pipeline import KleinPipeline
 
     dev, dt = torch.device(device), getattr(torch, dtype)
     p = get_preset(preset)
     t0 = time.perf_counter()
-    tok_dir = Path(tempfile.mkdtemp(prefix="kleinbild-bench-")) / "tokenizer"
     pipe = random_pipeline(p, dev, tok_dir, dt, seed)
     pipe.configure_caches(prompts=0)  # every run encodes its prompt, as a fresh request would
     _sync(dev)
