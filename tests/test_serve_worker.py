@@ -286,3 +286,51 @@ def test_a_nul_in_the_prompt_stays_out_of_png_text(fake):
         r = srv.client.post("/v1/images/generations", json={"prompt": "a\u0000b", **SMALL})
         img = image_of(r.json()["data"][0])
         assert "\x00" not in img.text["prompt"] and json.loads(img.text["kleinbild"])["prompt"] == "a\u0000b"
+
+
+def test_only_allowed_hosts_are_answered_and_urls_come_from_configuration(fake):
+    with live(fake, allowed_hosts=("127.0.0.1",), public_url="https://images.example.com/") as srv:
+        c = srv.client
+        evil = c.post("/v1/images/generations", json={"prompt": "a", "response_format": "url", **SMALL},
+                      headers={"Host": "evil.example"})
+        assert_openai_error(evil, 400, code="invalid_host")
+        assert c.get("/health", headers={"Host": "evil.example:8000"}).status_code == 400
+        ok = c.post("/v1/images/generations", json={"prompt": "a", "response_format": "url", **SMALL})
+        assert ok.json()["data"][0]["url"].startswith("https://images.example.com/v1/files/")
+
+
+def test_bodies_are_bounded_per_route_and_in_time(fake):
+    import socket
+
+    with live(fake, body_timeout=0.5) as srv:
+        big = b'{"prompt": "' + b"a" * (2**20 + 10) + b'"}'
+        r = srv.client.post("/v1/images/generations", content=big, headers={"content-type": "application/json"})
+        assert_openai_error(r, 413, code="request_too_large")
+        host, port = srv.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/images/edits HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"prompt\":")  # and then nothing
+            answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+
+
+def test_big_json_bodies_are_parsed_off_the_event_loop(fake, monkeypatch):
+    from kleinbild.serve import protocol
+
+    threads: list[str] = []
+    real = protocol.json.loads
+    monkeypatch.setattr(protocol.json, "loads", lambda raw: threads.append(threading.current_thread().name)
+                        or real(raw))
+    with live(fake) as srv:
+        b64 = base64.b64encode(png_bytes(128, 128)).decode()
+        srv.client.post("/v1/images/edits", json={"prompt": "small", "image": b64[:10], **SMALL})
+        srv.client.post("/v1/images/edits", json={"prompt": "big", "image": b64, "user": "x" * 70_000, **SMALL})
+    assert threads[0] == threads[-2] != threads[-1], threads  # small: on the loop; big: in a worker thread
+
+
+def test_serve_on_loopback_allows_only_loopback_names():
+    from kleinbild.cli import _allowed_hosts
+
+    assert _allowed_hosts("127.0.0.1", []) == ("127.0.0.1", "localhost", "[::1]")
+    assert _allowed_hosts("0.0.0.0", []) == ()
+    assert _allowed_hosts("0.0.0.0", ["images.example.com"]) == ("images.example.com",)

@@ -163,6 +163,14 @@ def _serve_parser(sub: Any) -> None:
                    "$KLEINBILD_API_KEYS, comma-separated)")
     v.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin "
                    "(repeatable; default: none)")
+    v.add_argument("--allowed-host", action="append", default=[], help="answer requests for this Host name "
+                   "(repeatable; default: on a loopback address only its loopback names, elsewhere any)")
+    v.add_argument("--public-url", help="what url results start with, e.g. https://images.example.com behind a "
+                   "proxy (default: the address the client used)")
+    v.add_argument("--body-timeout", type=_positive_int, default=30, help="seconds a request body may take "
+                   "(default: 30)")
+    v.add_argument("--keep-alive-timeout", type=_positive_int, default=5, help="seconds an idle connection stays "
+                   "open (default: 5)")
     v.add_argument("--max-pixels", type=_positive_int, default=4 * 1024 * 1024, help="most output pixels (W*H)")
     v.add_argument("--max-n", type=_positive_int, default=8, help="most images per request")
     v.add_argument("--max-images", type=_positive_int, default=4, help="most reference images per request")
@@ -405,11 +413,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_images=args.max_images, max_upload_bytes=args.max_upload_bytes, max_image_pixels=args.max_image_pixels,
         max_steps=args.max_steps, max_queue=args.max_queue, max_batch=args.max_batch, output_dir=args.output_dir,
         ttl=float(args.ttl), preview_every=args.preview_every, prompt_cache=args.cache_size,
-        reference_cache=args.cache_size,
+        reference_cache=args.cache_size, allowed_hosts=_allowed_hosts(args.host, args.allowed_host),
+        public_url=args.public_url, body_timeout=float(args.body_timeout),
+        keep_alive_timeout=float(args.keep_alive_timeout),
     )
     logging.getLogger("kleinbild").setLevel(args.log_level.upper())
     return serve(args.model, host=args.host, port=args.port, settings=settings, load_options=load_options(args),
                  log_level=args.log_level)
+
+
+def _allowed_hosts(host: str, given: list[str]) -> tuple[str, ...]:
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    return tuple(dict.fromkeys([*given, *(("127.0.0.1", "localhost", "[::1]") if loopback else ())]))
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

@@ -181,8 +181,9 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, settings: Se
             holder["server"].should_exit = True
 
     app = create_app(model=model, settings=settings, load_options=load_options, on_load_failure=give_up)
+    keep_alive = (settings or ServerSettings()).keep_alive_timeout
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                            server_header=False)
+                            server_header=False, timeout_keep_alive=max(1, round(keep_alive)))
     server = uvicorn.Server(config)
     holder["server"] = server
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -28,7 +29,8 @@ def _error_body(message: str, code: str, param: str | None = None, type: str = "
 
 
 class Guard:
-    """API keys (before any body is read) and the body size limit, as plain ASGI so nothing oversized is parsed.
+    """Host names, API keys (before any body is read), the body size limit and a body read timeout, as plain ASGI,
+    so nothing oversized, slow or for another host is parsed.
 
     The body is read here, up to the limit, and replayed to the app; after it, `receive` is the server's
     again, so disconnects still reach the handlers.
@@ -37,6 +39,9 @@ class Guard:
     def __init__(self, app: ASGIApp, settings: ServerSettings):
         self.app = app
         self.limit = settings.max_upload_bytes
+        self.generation_limit = min(settings.max_upload_bytes, settings.max_generation_bytes)
+        self.body_timeout = settings.body_timeout
+        self.hosts = {h.lower() for h in settings.allowed_hosts}
         # Digests, so the comparison time depends on neither the key's content nor its length.
         self.keys = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
 
@@ -57,8 +62,23 @@ class Guard:
             ok |= hmac.compare_digest(digest, key)
         return ok and scheme.lower() == "bearer"
 
+    def _host_allowed(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """DNS rebinding: a page on another site must not reach a local server through a name that resolves here."""
+        if not self.hosts:
+            return True
+        host = dict(headers).get(b"host", b"").decode("latin-1").lower()
+        name = host[: host.find("]") + 1] if host.startswith("[") else host.split(":", 1)[0]  # [::1]:8000
+        return host in self.hosts or name in self.hosts
+
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not self._host_allowed(scope["headers"]):
+            await _send_json(send, 400, _error_body(
+                "this server does not answer for that Host; allow it with --allowed-host", "invalid_host"))
+            return
+        if scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
         if self._needs_key(scope["path"]) and not self._authorised(scope["headers"]):
@@ -69,31 +89,9 @@ class Guard:
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                await _send_json(send, 400, _error_body("bad Content-Length", "invalid_request"))
-                return
-            if declared > self.limit:
-                await _send_json(send, 413, _error_body(
-                    f"the body is {declared} bytes; at most {self.limit} are accepted", "request_too_large"))
-                return
-        chunks, size = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunks.append(msg.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                await _send_json(send, 413, _error_body(
-                    f"the body is over {self.limit} bytes, the most accepted", "request_too_large"))
-                return
-            if not msg.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        body = await self._body(scope, receive, send)
+        if body is None:
+            return
         replayed = False
 
         async def replay() -> dict:
@@ -104,6 +102,40 @@ class Guard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _body(self, scope: dict, receive: Callable, send: Callable) -> bytes | None:
+        """The whole body, or None once an error was answered (too big, too slow, bad length, client gone)."""
+        # A generation carries no image, so its body is held to a much smaller bound than an edit's.
+        limit = self.generation_limit if scope["path"] == "/v1/images/generations" else self.limit
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                await _send_json(send, 400, _error_body("bad Content-Length", "invalid_request"))
+                return None
+            if declared > limit:
+                await _send_json(send, 413, _error_body(
+                    f"the body is {declared} bytes; at most {limit} are accepted here", "request_too_large"))
+                return None
+        chunks, size = [], 0
+        while True:
+            try:
+                msg = await asyncio.wait_for(receive(), timeout=self.body_timeout)
+            except TimeoutError:
+                await _send_json(send, 408, _error_body(
+                    f"the body did not arrive within {self.body_timeout:g} s", "request_timeout"))
+                return None
+            if msg["type"] == "http.disconnect":
+                return None
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                await _send_json(send, 413, _error_body(
+                    f"the body is over {limit} bytes, the most accepted here", "request_too_large"))
+                return None
+            if not msg.get("more_body", False):
+                return b"".join(chunks)
 
 
 def _route_label(path: str) -> str:

@@ -3,6 +3,7 @@ checking HTTP's own fields and limits, handing the rest to the engine's one vali
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -51,6 +52,7 @@ def _bad(message: str, param: str | None = None, code: str = "invalid_value") ->
 # ---------------------------------------------------------------- request fields
 
 _IMAGE_KEY = re.compile(r"^image(\[\d*\])?$")
+_LOOP_PARSE_BYTES = 64 * 1024
 _SIZE = re.compile(r"^\s*([0-9]{1,6})\s*[xX×]\s*([0-9]{1,6})\s*$", re.ASCII)
 _INT = re.compile(r"^[+-]?[0-9]{1,20}$", re.ASCII)
 # OpenAI parameters that change nothing here and are safe to accept.
@@ -165,7 +167,8 @@ async def read_request(request: HttpRequest, settings: ServerSettings, *, allow_
     if ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json")):
         raw = await request.body()
         try:
-            body = json.loads(raw)
+            # A big body (base64 images) is parsed off the event loop, which must keep answering /health.
+            body = json.loads(raw) if len(raw) < _LOOP_PARSE_BYTES else await asyncio.to_thread(json.loads, raw)
         except ValueError as e:  # bad UTF-8, bad JSON, or an integer past Python's 4300-digit conversion limit
             raise _bad(f"the body is not valid JSON ({str(e)[:200]})", None, "invalid_json") from None
         except RecursionError:

@@ -42,6 +42,11 @@ class Service:
         self.model_ids: tuple[str, ...] = (model or "",)
         self.started = time.time()
 
+    def base(self, request: Request) -> str:
+        """What url results start with: the configured public URL, else the address the client used (its Host
+        header was checked against --allowed-host by the guard)."""
+        return self.settings.public_url.rstrip("/") if self.settings.public_url else base_url(request)
+
     def attach(self, pipe: KleinPipeline) -> None:
         pipe.configure_caches(self.settings.prompt_cache, self.settings.reference_cache)
         mid = self.settings.model_id or _model_id(pipe)
@@ -93,7 +98,7 @@ class Service:
         # Answered here and only here: keeping it for GET /v1/jobs would hold its images for the TTL.
         self.worker.jobs.pop(job.id, None)
         if job.state == SUCCEEDED:
-            return JSONResponse(images_response(job, base_url(request)))
+            return JSONResponse(images_response(job, self.base(request)))
         if job.state == FAILED and job.error is not None:
             return JSONResponse(job.error.body(), status_code=job.error.status)
         return ApiError(409, "the job was cancelled", code="cancelled").response()
@@ -106,7 +111,7 @@ class Service:
 
     async def create_job(self, request: Request) -> Response:
         job = await self.make_job(request, "job")
-        return JSONResponse(job_view(job, base_url(request)), status_code=202,
+        return JSONResponse(job_view(job, self.base(request)), status_code=202,
                             headers={"Location": f"/v1/jobs/{job.id}"})
 
     def find_job(self, job_id: str) -> Job:
@@ -117,14 +122,14 @@ class Service:
         return job
 
     async def get_job(self, job_id: str, request: Request) -> Response:
-        return JSONResponse(job_view(self.find_job(job_id), base_url(request)))
+        return JSONResponse(job_view(self.find_job(job_id), self.base(request)))
 
     async def cancel_job(self, job_id: str, request: Request) -> Response:
         job = self.find_job(job_id)
         if not self.worker.cancel(job):
             raise ApiError(409, f"job {job.id} already {job.state}; nothing to cancel", param="id",
                            code="job_finished")
-        return JSONResponse(job_view(job, base_url(request)))
+        return JSONResponse(job_view(job, self.base(request)))
 
     async def job_events(self, job_id: str, request: Request) -> Response:
         job = self.find_job(job_id)
@@ -132,7 +137,7 @@ class Service:
             start = int(request.headers.get("last-event-id", "-1")) + 1
         except ValueError:
             start = 0
-        return StreamingResponse(_events(job, base_url(request), max(0, start)), media_type="text/event-stream",
+        return StreamingResponse(_events(job, self.base(request), max(0, start)), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def get_file(self, name: str) -> Response:

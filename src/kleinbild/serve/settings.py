@@ -29,6 +29,13 @@ class ServerSettings:
     prompt_cache: int = 32
     reference_cache: int = 32
     model_id: str | None = None
+    # Host header values answered ("name" or "name:port"); empty: any. `kleinbild serve` on a loopback address
+    # allows only the loopback names, so a web page elsewhere cannot reach it through DNS rebinding.
+    allowed_hosts: tuple[str, ...] = ()
+    public_url: str | None = None  # what url results start with; None: this server's own address, as asked
+    max_generation_bytes: int = 2**20  # a generation's body (no images in it)
+    body_timeout: float = 30.0  # seconds a request body may take to arrive
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
 
     def __post_init__(self) -> None:
         # An empty key (an unset $KEY on the command line) would make `Authorization: Bearer` with no token pass.
