@@ -15,6 +15,7 @@ import uvicorn
 from PIL import Image
 
 from kleinbild.serve import ServerSettings, create_app
+from kleinbild.serve.app import graceful_server
 
 
 class LiveServer:
@@ -22,7 +23,8 @@ class LiveServer:
 
     def __init__(self, app):
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+        # The server `kleinbild serve` runs, so shutdown behaves as it does there.
+        self.server = graceful_server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"), app)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

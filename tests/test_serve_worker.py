@@ -334,3 +334,51 @@ def test_serve_on_loopback_allows_only_loopback_names():
     assert _allowed_hosts("127.0.0.1", []) == ("127.0.0.1", "localhost", "[::1]")
     assert _allowed_hosts("0.0.0.0", []) == ()
     assert _allowed_hosts("0.0.0.0", ["images.example.com"]) == ("images.example.com",)
+
+
+def test_shutdown_answers_waiting_clients_and_ends_every_stream(fake):
+    from serving import LiveServer
+
+    from kleinbild.serve import ServerSettings, create_app
+
+    fake.step_wait = threading.Event()
+    srv = LiveServer(create_app(fake, settings=ServerSettings()))
+    try:
+        c = srv.client
+        job = c.post("/v1/jobs", json={"prompt": "running", **SMALL}).json()
+        queued = c.post("/v1/jobs", json={"prompt": "queued", "size": "144x128", "steps": 2}).json()
+        assert fake.entered.wait(10)
+        with concurrent.futures.ThreadPoolExecutor(3) as ex:
+            waiting = ex.submit(c.post, "/v1/images/generations", json={"prompt": "waiting", **SMALL})
+            streams = [ex.submit(sse_events, c, j["id"]) for j in (job, queued)]
+            time.sleep(0.3)
+            srv.server.should_exit = True  # what SIGTERM does
+            answer = waiting.result(timeout=20)
+            ends = [s.result(timeout=20)[-1] for s in streams]
+        assert_openai_error(answer, 503, code="shutdown")
+        assert [(e[1], e[2]["error"]["code"]) for e in ends] == [("failed", "shutdown")] * 2
+    finally:
+        fake.step_wait.set()
+        srv.thread.join(30)
+        srv.client.close()
+
+
+def test_a_named_output_folder_survives_a_restart_until_the_ttl(tmp_path):
+    import os
+
+    from kleinbild.serve.store import OutputStore
+
+    store = OutputStore(tmp_path, ttl=60)
+    keep, old = store.put(b"kept", "png"), store.put(b"old", "jpeg")
+    store.close()  # a clean exit keeps what has not expired
+    assert (tmp_path / keep).is_file() and (tmp_path / old).is_file()
+    os.utime(tmp_path / old, (time.time() - 120, time.time() - 120))  # written two minutes ago
+    (tmp_path / "notes.txt").write_text("not ours")
+    again = OutputStore(tmp_path, ttl=60)  # after a restart, or a kill
+    assert again.get(keep) is not None and again.get(keep)[1] == "image/png"
+    assert again.get(old) is None and not (tmp_path / old).exists(), "expired results are purged at start"
+    assert (tmp_path / "notes.txt").exists(), "files that are not results are left alone"
+    temporary = OutputStore(None, ttl=60)
+    temporary.put(b"x", "png")
+    temporary.close()
+    assert not temporary.folder.exists()

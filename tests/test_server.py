@@ -440,7 +440,7 @@ def test_cli_serve_runs_and_stops(model_dir):
         assert r.status_code == 200
         assert httpx.get(url + "/").text.startswith("<!doctype html>")
     finally:
-        proc.send_signal(2)
+        proc.send_signal(15)  # SIGTERM, as a service manager stops it
         try:
             rc = proc.wait(20)
         except subprocess.TimeoutExpired:

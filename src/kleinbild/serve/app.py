@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -184,7 +185,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, settings: Se
     keep_alive = (settings or ServerSettings()).keep_alive_timeout
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
                             server_header=False, timeout_keep_alive=max(1, round(keep_alive)))
-    server = uvicorn.Server(config)
+    server = graceful_server(config, app)
     holder["server"] = server
     try:
         server.run(sockets=[sock])
@@ -193,6 +194,31 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, settings: Se
     finally:
         sock.close()
     return 1 if failed else 0
+
+
+def graceful_server(config: Any, app: FastAPI) -> Any:
+    """A uvicorn server that, on SIGTERM or Ctrl+C, first stops the worker, so every queued or running job is
+    answered (503 `shutdown`, as JSON) and every event stream gets its terminal event while the connections are
+    still open; only then does uvicorn drain them and exit. Plain uvicorn would cancel the requests first."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            for server in self.servers:  # stop accepting first: nothing new arrives while jobs are answered
+                server.close()
+            app.state.worker.stop()
+            await asyncio.sleep(0.2)  # the answers and terminal events go out
+            await super().shutdown(sockets)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # As uvicorn's, without raising SIGTERM again after the graceful exit: stopped on request, the
+            # process exits 0 (Ctrl+C still ends in KeyboardInterrupt, which serve() takes as a normal stop).
+            with super().capture_signals():
+                yield
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+    return GracefulServer(config)
 
 
 def _listen(host: str, port: int) -> socket.socket:

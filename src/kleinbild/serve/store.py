@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import shutil
 import tempfile
@@ -15,13 +16,15 @@ from PIL import Image
 from kleinbild import images
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+_NAME = re.compile(r"[A-Za-z0-9_-]{24}\.(png|jpeg|webp)")  # what put() names files
 
 
 class OutputStore:
     """Result files under one folder, named by random ids that only this object hands out.
 
     Lookups go through the id table, never through a path built from a request, so nothing outside the
-    folder can be read. Files expire after `ttl` seconds.
+    folder can be read. Files expire `ttl` seconds after they were written. A folder of the user's own outlives
+    the server: its unexpired results are served again after a restart (or a kill), the expired ones purged.
     """
 
     def __init__(self, folder: str | Path | None, ttl: float):
@@ -31,6 +34,21 @@ class OutputStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._files: dict[str, tuple[Path, str, float]] = {}
         self._lock = threading.Lock()
+        if not self._owned:
+            self._adopt()
+
+    def _adopt(self) -> None:
+        """Take back what an earlier run left: files with this store's names, expiring by their write time."""
+        now = time.time()
+        for path in self.folder.iterdir():
+            fmt = path.suffix.lstrip(".")
+            if not (fmt in MEDIA_TYPES and _NAME.fullmatch(path.name) and path.is_file()):
+                continue
+            expires = path.stat().st_mtime + self.ttl
+            if expires <= now:
+                path.unlink(missing_ok=True)
+            else:
+                self._files[path.name] = (path, MEDIA_TYPES[fmt], expires)
 
     def put(self, data: bytes, fmt: str) -> str:
         name = f"{secrets.token_urlsafe(18)}.{fmt}"
@@ -68,12 +86,13 @@ class OutputStore:
         return len(self._files)
 
     def close(self) -> None:
-        with self._lock:
-            names = list(self._files)
-        for n in names:
-            self.drop(n)
+        """A temporary folder goes with the server; a folder of the user's keeps its unexpired results."""
         if self._owned:
+            with self._lock:
+                self._files.clear()
             shutil.rmtree(self.folder, ignore_errors=True)
+        else:
+            self.purge()
 
 
 def encode_image(img: Image.Image, fmt: str, compression: int, meta: dict[str, Any]) -> bytes:
