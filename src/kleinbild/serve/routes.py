@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from kleinbild import __version__
 from kleinbild.images import MIN_SIDE
 from kleinbild.serve.metrics import Metrics
+from kleinbild.serve.openapi import openapi_document
 from kleinbild.serve.protocol import ApiError, _bad, base_url, build_job, images_response, job_view, read_request
 from kleinbild.serve.settings import ServerSettings
 from kleinbild.serve.store import OutputStore
@@ -216,6 +217,9 @@ class Service:
     async def favicon(self) -> Response:
         return Response(status_code=204)
 
+    async def openapi(self) -> Response:
+        return JSONResponse(openapi_document())
+
 
 def add_routes(app: FastAPI, s: Service) -> None:
     for path, handler, methods, status in (
@@ -232,6 +236,7 @@ def add_routes(app: FastAPI, s: Service) -> None:
         ("/metrics", s.prometheus, ["GET"], 200),
         ("/", s.playground, ["GET"], 200),
         ("/favicon.ico", s.favicon, ["GET"], 200),
+        ("/openapi.json", s.openapi, ["GET"], 200),
     ):
         app.add_api_route(path, handler, methods=methods, status_code=status)
 
