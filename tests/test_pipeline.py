@@ -198,3 +198,23 @@ def test_schedule_shift_overrides_the_empirical_mu():
     assert sampling.schedule(4, 4096, float(np.exp(mu))) == pytest.approx(sampling.schedule(4, 4096))
     with pytest.raises(ValueError, match="shift must be positive, got 0"):
         sampling.schedule(4, 64, 0.0)
+
+
+def test_a_small_model_runs_on_its_presets_cpu_threads(monkeypatch):
+    """nano's preset asks for one CPU thread per generation (see tools/threads_bench.py); OMP_NUM_THREADS wins."""
+    from kleinbild import KleinPipeline as Pipe
+
+    pipe = Pipe.from_pretrained("nano", device="cpu")
+    seen = []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pipe.generate("a dot", steps=1, seed=0, callback=lambda *_: seen.append(torch.get_num_threads()))
+        assert seen == [1] and torch.get_num_threads() == 2, "one thread inside, the caller's count after"
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        seen.clear()
+        pipe.generate("a dot", steps=1, seed=0, callback=lambda *_: seen.append(torch.get_num_threads()))
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(before)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -194,6 +195,20 @@ class KleinPipeline:
         blocks = [*self.transformer.double_blocks, *self.transformer.single_blocks]
         offload.move_resident(self.transformer, blocks, dev)  # embedders, modulation, final layer: small
         offload.sequential_blocks(blocks, dev)
+
+    @contextmanager
+    def _cpu_threads(self) -> Iterator[None]:
+        """The preset's CPU thread count for the run, unless OMP_NUM_THREADS says otherwise (see ModelPreset)."""
+        n = self.preset.cpu_threads
+        before = torch.get_num_threads()
+        if self.device.type != "cpu" or n is None or n >= before or "OMP_NUM_THREADS" in os.environ:
+            yield
+            return
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:
@@ -443,6 +458,11 @@ class KleinPipeline:
             callbacks: Sequence[ProgressCallback | None] | None = None) -> list[GenerationResult]:
         """Run validated requests, batching those that share a `batch_key()`; results in request order."""
         own = list(callbacks) if callbacks is not None else [None] * len(requests)
+        with self._cpu_threads():
+            return self._run(requests, callback, own)
+
+    def _run(self, requests: Sequence[Request], callback: ProgressCallback | None,
+             own: list[ProgressCallback | None]) -> list[GenerationResult]:
         groups: dict[tuple, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(req.batch_key(), []).append(i)
