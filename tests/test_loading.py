@@ -326,3 +326,12 @@ def test_a_stage_that_makes_nan_is_named_instead_of_a_black_image():
                 module.weight.copy_(saved)
     pipe.clear_caches()
     assert np.asarray(pipe.generate("a dot", width=64, height=64, steps=1, seed=0).images[0]).std() > 0
+
+
+def test_a_lone_nano_transformer_file_asks_for_its_text_encoder_without_an_empty_placeholder(capsys):
+    from kleinbild.config import get_preset
+    from kleinbild.loading import bundled_dir
+
+    dit = bundled_dir(get_preset("nano")) / "flux-2-nano.safetensors"
+    err = _cli_error(capsys, "--model", str(dit))
+    assert err.endswith("pass --text-encoder with a Qwen3 folder") and "()" not in err and " of )" not in err
