@@ -1,4 +1,5 @@
-"""Memory modes: which weights are resident, and where, between the stages of a generation.
+"""Memory modes: which weights are resident, and where, between the stages of a generation (and how many CPU
+threads a run uses).
 
 `none`: every component stays on the compute device (fastest when it all fits).
 `model`: the text encoder exists only while a prompt is encoded, read again from its memory-mapped file
@@ -14,6 +15,7 @@ right layout and dtype), so parking a module again is a pointer swap, not a copy
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -101,3 +103,18 @@ def sequential_blocks(blocks: Sequence[nn.Module], device: torch.device) -> list
         block.register_forward_hook(lambda _m, _a, _o, p=p: p.send_back())
         parked.append(p)
     return parked
+
+
+@contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """At most `n` torch CPU threads inside (None: as they are), unless OMP_NUM_THREADS says otherwise; the count
+    is restored after. See `ModelPreset.cpu_threads`."""
+    before = torch.get_num_threads()
+    if n is None or n >= before or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -196,19 +195,8 @@ class KleinPipeline:
         offload.move_resident(self.transformer, blocks, dev)  # embedders, modulation, final layer: small
         offload.sequential_blocks(blocks, dev)
 
-    @contextmanager
-    def _cpu_threads(self) -> Iterator[None]:
-        """The preset's CPU thread count for the run, unless OMP_NUM_THREADS says otherwise (see ModelPreset)."""
-        n = self.preset.cpu_threads
-        before = torch.get_num_threads()
-        if self.device.type != "cpu" or n is None or n >= before or "OMP_NUM_THREADS" in os.environ:
-            yield
-            return
-        torch.set_num_threads(n)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+    def _cpu_threads(self) -> AbstractContextManager[None]:
+        return offload.cpu_threads(self.preset.cpu_threads if self.device.type == "cpu" else None)
 
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:
