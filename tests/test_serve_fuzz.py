@@ -14,7 +14,6 @@ from serving import live  # noqa: E402
 from kleinbild.serve.openapi import openapi_document  # noqa: E402
 
 schema = schemathesis.openapi.from_dict(openapi_document())
-schema.config.generation.update(database=":memory:")  # nothing written to the checkout
 CHECKS = [
     schemathesis.checks.not_a_server_error,
     schemathesis.specs.openapi.checks.status_code_conformance,

@@ -259,8 +259,8 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
 
 
-def png_settings(result: GenerationResult, index: int, image_paths: list[str]) -> dict[str, Any]:
-    """What the PNG of image `index` records: enough to make it again (`kleinbild generate --from`)."""
+def image_meta(result: GenerationResult, index: int, image_paths: list[str]) -> dict[str, Any]:
+    """What the file of image `index` records: enough to make it again (`kleinbild generate --from`)."""
     meta = result.image_settings(index)
     for ref, path in zip(meta["references"], image_paths, strict=True):
         ref["path"] = str(Path(path).resolve())
@@ -331,7 +331,7 @@ def _report(pipe: KleinPipeline, result: GenerationResult, paths: list[Path], ar
         if path.exists():
             sys.stderr.write(f"note: replacing {path}\n")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode_image(img, _FORMATS[path.suffix.lower()], png_settings(result, i, args.image)))
+        path.write_bytes(encode_image(img, _FORMATS[path.suffix.lower()], image_meta(result, i, args.image)))
         if not args.json:
             print(path)
     if args.json:  # one JSON object on stdout, nothing else

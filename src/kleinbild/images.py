@@ -126,18 +126,13 @@ def encode_image(img: Image.Image, fmt: str, settings: dict[str, Any], quality: 
 def read_settings(path: str | Path) -> dict[str, Any]:
     """The settings a kleinbild image was made with (see `encode_image`)."""
     img = open_image(path)
-    raw = getattr(img, "text", {}).get(SETTINGS_KEY)
-    if raw is None:
-        try:
-            raw = json.dumps(json.loads(img.getexif().get(_EXIF_DESCRIPTION, "")).get(SETTINGS_KEY))
-        except (ValueError, AttributeError):
-            raw = None
-    if raw is None or raw == "null":
-        raise InputError(f"{str(path)!r} carries no kleinbild settings (it was not written by kleinbild, or its "
-                         "metadata was stripped)")
+    png = getattr(img, "text", {}).get(SETTINGS_KEY)
     try:
-        settings = json.loads(raw)
-    except json.JSONDecodeError as e:
+        settings = json.loads(png) if png is not None else json.loads(img.getexif()[_EXIF_DESCRIPTION])[SETTINGS_KEY]
+    except (KeyError, TypeError):
+        raise InputError(f"{str(path)!r} carries no kleinbild settings (it was not written by kleinbild, or its "
+                         "metadata was stripped)") from None
+    except ValueError as e:
         raise InputError(f"{str(path)!r}: its kleinbild settings are not valid JSON ({e})") from None
     if not isinstance(settings, dict) or not isinstance(settings.get("prompt"), str):
         raise InputError(f"{str(path)!r}: its kleinbild settings hold no prompt")

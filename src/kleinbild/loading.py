@@ -219,7 +219,7 @@ def _text_encoder_parts(path: Path) -> tuple[list[Path], dict, Path]:
         )
     if not (tok / "tokenizer.json").is_file():
         raise ModelNotFoundError(f"no tokenizer.json in {tok}; the text encoder folder must hold its tokenizer")
-    return safetensors_files(te, "model"), {**_read_json(te / "config.json"), "_path": str(te / "config.json")}, tok
+    return safetensors_files(te, "model"), _read_json(te / "config.json"), tok
 
 
 def _ae_parts(path: Path) -> tuple[list[Path], str]:
@@ -250,14 +250,14 @@ def _with_configs(template: ModelPreset, dit: DiTConfig, ae: AEConfig, text: Tex
     return replace(template, name=f"custom ({template.name} sampling)", dit=dit, ae=ae, text=text)
 
 
-def _text_config(cfg: dict, template: ModelPreset, text_layers: tuple[int, ...] | None, max_len: int | None):
+def _text_config(cfg: dict, path: Path, template: ModelPreset, text_layers: tuple[int, ...] | None,
+                 max_len: int | None) -> TextEncoderConfig:
     over = {"out_layers": tuple(text_layers) if text_layers else template.text.out_layers}
     over["max_length"] = max_len or template.text.max_length
-    fields = {k: v for k, v in cfg.items() if k != "_path"}
     try:
-        return TextEncoderConfig.from_hf(fields, **over)
+        return TextEncoderConfig.from_hf(cfg, **over)
     except (KeyError, TypeError) as e:  # a ValueError (layers vs taps) already says what is wrong
-        raise ModelNotFoundError(f"{cfg.get('_path', 'the text encoder config')} is not a usable text encoder "
+        raise ModelNotFoundError(f"{path} is not a usable text encoder "
                                  f"config ({type(e).__name__}: {e})") from None
 
 
@@ -274,7 +274,7 @@ def diffusers_files(
     template = _behaviour(klass, bool(index.get("is_distilled", False)), dit_cfg.hidden_size)
     ae_cfg = _config(AEConfig.from_diffusers, root / "vae" / "config.json", "autoencoder")
     text_files, text_cfg, tok = _text_encoder_parts(root)
-    text = _text_config(text_cfg, template, text_layers, max_text_length)
+    text = _text_config(text_cfg, text_files[0].parent / "config.json", template, text_layers, max_text_length)
     return ModelFiles(
         preset=_with_configs(template, dit_cfg, ae_cfg, text),
         dit_files=safetensors_files(root / "transformer", "diffusion_pytorch_model"),
@@ -327,7 +327,7 @@ def single_file_files(
         ae_cfg = _from_shapes(lambda s: AEConfig.from_state_dict_shapes(s, template.ae.norm_groups),
                               read_shapes(ae_files), ae_files[0], "FLUX.2 autoencoder")
     text_files, text_cfg, tok = _text_encoder_parts(text_encoder)
-    text = _text_config(text_cfg, template, text_layers, max_text_length)
+    text = _text_config(text_cfg, text_files[0].parent / "config.json", template, text_layers, max_text_length)
     return ModelFiles(
         preset=_with_configs(template, dit_cfg, ae_cfg, text),
         dit_files=[dit_path],

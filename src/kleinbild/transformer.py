@@ -382,7 +382,8 @@ class Flux2Transformer(nn.Module):
         vec = self._vec(timesteps, dtype)
         mod_img, mod_txt, mod_single = self._modulations(vec)
         ref_vec = self._vec(torch.zeros_like(timesteps), dtype)
-        ref_img, _, ref_single = self._modulations(ref_vec)
+        ref_img = self.double_stream_modulation_img(ref_vec)  # references have no text stream: no txt modulation
+        (ref_single,) = self.single_stream_modulation(ref_vec)
         mod_img = _blend(ref_img, mod_img, n_ref, n_img)
         mod_single = tuple(
             torch.cat([s.expand(-1, n_txt, -1), r.expand(-1, n_ref, -1), s.expand(-1, n_img, -1)], dim=1)

@@ -1,4 +1,4 @@
-"""Result files of `response_format=url` requests, and encoding images for the wire."""
+"""Result files of `response_format=url` requests."""
 
 from __future__ import annotations
 
@@ -9,11 +9,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
-
-from PIL import Image
-
-from kleinbild import images
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _NAME = re.compile(r"[A-Za-z0-9_-]{24}\.(png|jpeg|webp)")  # what put() names files
@@ -93,8 +88,3 @@ class OutputStore:
             shutil.rmtree(self.folder, ignore_errors=True)
         else:
             self.purge()
-
-
-def encode_image(img: Image.Image, fmt: str, compression: int, meta: dict[str, Any]) -> bytes:
-    """PNG (lossless), JPEG or WebP at `compression` quality, each carrying `meta` as the CLI writes it."""
-    return images.encode_image(img, fmt, meta, quality=compression)

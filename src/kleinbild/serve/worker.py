@@ -23,9 +23,9 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from kleinbild import __version__
-from kleinbild.images import InputError
+from kleinbild.images import InputError, encode_image
 from kleinbild.serve.metrics import Metrics
-from kleinbild.serve.store import OutputStore, encode_image
+from kleinbild.serve.store import OutputStore
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -470,7 +470,7 @@ class Worker:
             for res in results:
                 for i, img in enumerate(res.images):
                     meta = {**res.image_settings(i), "software": f"kleinbild {__version__}"}
-                    out = Output(encode_image(img, d.output_format, d.output_compression, meta), meta["seed"])
+                    out = Output(encode_image(img, d.output_format, meta, d.output_compression), meta["seed"])
                     if d.response_format == "url":
                         out.file_id = self.store.put(out.data, d.output_format)
                         out.data = b""  # on disk now; the job is kept for its TTL and need not hold it twice
