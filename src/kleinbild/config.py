@@ -226,6 +226,8 @@ class ModelPreset:
     ref_time_offset: int = 10
     max_ref_pixels_single: int = 2024**2
     max_ref_pixels_multi: int = 1024**2
+    # The image a masked or image-to-image edit works on is scaled to at most this (diffusers' inpainting bound).
+    max_source_pixels: int = 1024**2
     default_size: int = 1024
     # Output areas (pixels) the model was trained on, lowest and highest; None: no known bound. Outside it a
     # model makes noise rather than a bigger picture, so a request there gets a note.
@@ -276,6 +278,7 @@ _NANO = dict(
     cpu_threads=1,  # 2-core Zen 4, warm 128 px: 0.104 s vs 0.092 s idle, 0.119 s vs 0.346 s beside a busy core
     max_ref_pixels_single=128**2,
     max_ref_pixels_multi=128**2,
+    max_source_pixels=128**2,
     bundled=True,
     bundle="nano",
 )

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from kleinbild import lora, lora_host, offload, sampling
+from kleinbild import lora, lora_host, masking, offload, sampling
 from kleinbild.autoencoder import AutoEncoder
-from kleinbild.cache import ContentCache, content_key
+from kleinbild.cache import ContentCache, cached_latents, cached_prompts
 from kleinbild.config import ModelPreset
 from kleinbild.images import MAX_PIXELS, InputError, to_pil, to_tensor
 from kleinbild.loading import (
@@ -29,6 +29,7 @@ from kleinbild.loading import (
     pick_dtype,
     text_state,
 )
+from kleinbild.masking import MaskInput
 from kleinbild.quant_file import prepare_quantized
 from kleinbild.request import ImageInput, Request, validate
 from kleinbild.result import GenerationCancelled, GenerationResult, NonFiniteError, check_finite
@@ -313,52 +314,11 @@ class KleinPipeline:
         return {"prompt": self.prompt_cache.stats(), "reference": self.reference_cache.stats()}
 
     def _cached_prompts(self, prompts: Sequence[str], stats: list[dict[str, Any]]) -> list[Tensor]:
-        """(1, L, D) embedding per prompt; misses go through the text encoder together, once per distinct prompt.
-
-        `stats[i]` gets prompt i's hit or miss and the seconds a hit saved.
-        """
-        keys = [content_key(b"prompt", p.encode("utf-8", "surrogatepass")) for p in prompts]
-        rows: dict[str, Tensor] = {}
-        todo: dict[str, str] = {}
-        for k, p, st in zip(keys, prompts, stats, strict=True):
-            if k in rows or k in todo:
-                st["prompt_hits"] = st.get("prompt_hits", 0) + (k in rows)
-                st["prompt_misses"] = st.get("prompt_misses", 0) + (k in todo)
-                continue
-            got = self.prompt_cache.get(k)
-            if got is None:
-                todo[k] = p
-                st["prompt_misses"] = st.get("prompt_misses", 0) + 1
-            else:
-                rows[k] = got[0]
-                st["prompt_hits"] = st.get("prompt_hits", 0) + 1
-                st["saved_seconds"] = st.get("saved_seconds", 0.0) + got[1]
-        if todo:
-            t0 = time.perf_counter()
-            emb = self.encode_prompt(list(todo.values()))
-            cost = (time.perf_counter() - t0) / len(todo)
-            for i, k in enumerate(todo):
-                # A clone, so a cached row does not keep the whole batch's storage alive.
-                rows[k] = emb[i : i + 1].clone() if len(todo) > 1 else emb
-                self.prompt_cache.put(k, rows[k], cost)
-        return [rows[k] for k in keys]
+        return cached_prompts(self.prompt_cache, prompts, stats, self.encode_prompt)
 
     def _cached_references(self, req: Request, stats: dict[str, Any]) -> list[Tensor]:
-        """(1, C, h, w) latent per prepared reference, from the cache when the same pixels were encoded before."""
-        out = []
-        for im, k in zip(req.references, req.reference_digests, strict=True):
-            got = self.reference_cache.get(k)
-            if got is None:
-                t0 = time.perf_counter()
-                lat = self.encode_images([im])[0]
-                self.reference_cache.put(k, lat, time.perf_counter() - t0)
-                stats["reference_misses"] = stats.get("reference_misses", 0) + 1
-            else:
-                lat = got[0]
-                stats["reference_hits"] = stats.get("reference_hits", 0) + 1
-                stats["saved_seconds"] = stats.get("saved_seconds", 0.0) + got[1]
-            out.append(lat)
-        return out
+        return cached_latents(self.reference_cache, req.references, req.reference_digests, stats,
+                              lambda im: self.encode_images([im])[0])
 
     # ------------------------------------------------------------ generate
 
@@ -376,11 +336,17 @@ class KleinPipeline:
         num_images: int = 1,
         noise: Tensor | None = None,
         max_pixels: int = MAX_PIXELS,
+        mask: MaskInput | None = None,
+        strength: float | None = None,
+        mask_crop: int | None = None,
+        expand: tuple[int, int, int, int] | None = None,
+        keep_unmasked: bool = False,
     ) -> Request:
         """Validate a request for this model (see `kleinbild.request.validate`); nothing runs yet."""
         return validate(self.preset, prompt, images, width=width, height=height, steps=steps, guidance=guidance,
                         negative_prompt=negative_prompt, seed=seed, num_images=num_images, noise=noise,
-                        max_pixels=max_pixels)
+                        max_pixels=max_pixels, mask=mask, strength=strength, mask_crop=mask_crop, expand=expand,
+                        keep_unmasked=keep_unmasked)
 
     def generate(
         self,
@@ -396,6 +362,11 @@ class KleinPipeline:
         num_images: int = 1,
         noise: Tensor | None = None,
         callback: ProgressCallback | None = None,
+        mask: MaskInput | None = None,
+        strength: float | None = None,
+        mask_crop: int | None = None,
+        expand: tuple[int, int, int, int] | None = None,
+        keep_unmasked: bool = False,
     ) -> GenerationResult:
         """Text-to-image (no image), edit (one) or multi-reference generation (several).
 
@@ -403,9 +374,16 @@ class KleinPipeline:
         one of them can be made again alone (`result.image_settings(i)`). `noise` (n, C, H/16, W/16) replaces the
         seeded initial noise. A callback that raises `GenerationCancelled` stops the run after that step; the
         exception propagates.
+
+        Masked editing: with a `mask` (white = repaint, the first image's size) the first image is edited and the
+        rest are references; `strength` in (0, 1] starts part way (without a mask: image-to-image); `mask_crop=PAD`
+        edits a crop around the mask and stitches it back; `expand=(left, top, right, bottom)` outpaints;
+        `keep_unmasked` returns the source's own pixels outside the mask. See `kleinbild.masking`.
         """
         req = self.request(prompt, images, width=width, height=height, steps=steps, guidance=guidance,
-                           negative_prompt=negative_prompt, seed=seed, num_images=num_images, noise=noise)
+                           negative_prompt=negative_prompt, seed=seed, num_images=num_images, noise=noise,
+                           mask=mask, strength=strength, mask_crop=mask_crop, expand=expand,
+                           keep_unmasked=keep_unmasked)
         return self.run([req], callback)[0]
 
     def generate_batch(
@@ -482,7 +460,10 @@ class KleinPipeline:
         results, at = [], 0
         for (req, _), st in zip(batch, stats, strict=True):
             st["saved_seconds"] = round(st.get("saved_seconds", 0.0), 4)
-            results.append(GenerationResult(out[at : at + req.num_images], {**req.settings(), **common, "cache": st}))
+            images = out[at : at + req.num_images]
+            if req.edit is not None:
+                images = [masking.finish(im, req.edit, req.references[0]) for im in images]
+            results.append(GenerationResult(images, {**req.settings(), **common, "cache": st}))
             at += req.num_images
         return results
 
@@ -502,13 +483,15 @@ class KleinPipeline:
         return torch.cat([rows(emb[0::2]), rows(emb[1::2])]) if cfg else rows(emb)
 
     def _reference_batch(self, reqs: list[Request], stats: list[dict[str, Any]], rows: int, cfg: bool
-                         ) -> tuple[Tensor | None, Tensor | None]:
-        """Reference tokens for every row of the batch and their position ids (None, None without references)."""
+                         ) -> tuple[Tensor | None, Tensor | None, list[Tensor]]:
+        """Reference tokens for every row of the batch, their position ids (None, None without references), and
+        each request's first reference latent (the image an edit works on)."""
         if not reqs[0].references:
-            return None, None
-        per_req, lat = [], []
+            return None, None, []
+        per_req, lat, firsts = [], [], []
         for r, st in zip(reqs, stats, strict=True):
             lat = self._cached_references(r, st)
+            firsts.append(lat[0])
             per_req.append(torch.cat([sampling.pack(z) for z in lat], dim=1))
         if len(reqs) == 1:
             ref_tok = per_req[0].expand(rows, -1, -1)
@@ -517,7 +500,7 @@ class KleinPipeline:
             if cfg:
                 ref_tok = torch.cat([ref_tok, ref_tok])
         ids = sampling.reference_ids([tuple(z.shape[-2:]) for z in lat], self.preset.ref_time_offset)
-        return ref_tok, ids.to(self.device)
+        return ref_tok, ids.to(self.device), firsts
 
     @torch.inference_mode()
     def _sample_group(
@@ -540,7 +523,7 @@ class KleinPipeline:
         txt_ids = sampling.text_ids(txt.shape[1]).to(dev)
         img_ids = sampling.image_ids(th, tw).to(dev)
         t0 = time.perf_counter()
-        ref_tok, ref_ids = self._reference_batch(reqs, stats, txt.shape[0], cfg)
+        ref_tok, ref_ids, sources = self._reference_batch(reqs, stats, txt.shape[0], cfg)
         timings["references"] = time.perf_counter() - t0
 
         timesteps = sampling.schedule(first.steps, th * tw, p.schedule_shift)
@@ -572,12 +555,35 @@ class KleinPipeline:
                 callback(i + 1, total, x)
 
         t0 = time.perf_counter()
-        noise = torch.cat([r.initial_noise(p.ae.latent_channels, p.ae.downscale) for r in reqs])
+        noise = torch.cat([r.initial_noise(p.ae.latent_channels, p.ae.downscale) for r in reqs]).to(dev)
+        x, after_step = noise, None
+        if first.edit is not None:
+            timesteps = timesteps[first.edit.start :]
+            x, after_step = _edit_start(reqs, sources, noise, timesteps)
         try:
             with self._stage("transformer"):
-                return check_finite(sampling.euler(noise.to(dev), timesteps, velocity, on_step), "transformer", dt)
+                x = sampling.euler(x, timesteps, velocity, on_step, after_step)
+                return check_finite(x, "transformer", dt)
         finally:
             timings["denoise"] = time.perf_counter() - t0
+
+
+def _edit_start(reqs: list[Request], sources: list[Tensor], noise: Tensor, timesteps: list[float]
+                ) -> tuple[Tensor, Callable[[int, Tensor], Tensor] | None]:
+    """The noised sources to start from and, with masks, the step hook that re-imposes the kept region."""
+    rows = [r.num_images for r in reqs]
+    src = torch.cat([z.float().expand(n, -1, -1, -1) for z, n in zip(sources, rows, strict=True)])
+    x = masking.noised(src, noise, timesteps[0])
+    if reqs[0].edit is None or reqs[0].edit.latent_mask is None:
+        return x, None
+    mask = torch.cat([r.edit.latent_mask.expand(n, -1, -1, -1) for r, n in zip(reqs, rows, strict=True)]
+                     ).to(noise.device)  # type: ignore[union-attr]
+    last = len(timesteps) - 2
+
+    def after_step(i: int, x: Tensor) -> Tensor:
+        return masking.reimpose(x, src, noise, mask, None if i == last else timesteps[i + 1])
+
+    return x, after_step
 
 
 def _load_text_encoder(

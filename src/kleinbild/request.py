@@ -25,6 +25,7 @@ from kleinbild import sampling
 from kleinbild.cache import content_key
 from kleinbild.config import ModelPreset
 from kleinbild.images import MAX_PIXELS, MIN_SIDE, InputError, open_image, prepare_reference
+from kleinbild.masking import Edit, MaskInput, prepare_edit
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Request:
     noise: Tensor | None = field(default=None, repr=False)
     notes: tuple[str, ...] = ()
     reference_digests: tuple[str, ...] = ()  # content keys of the prepared references (cache keys, metadata)
+    edit: Edit | None = None  # masked editing or image-to-image: references[0] is the image worked on
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -59,7 +61,8 @@ class Request:
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share every forward pass (prompts, references and seeds may differ)."""
-        return (self.width, self.height, self.steps, self.guidance, tuple(r.size for r in self.references))
+        return (self.width, self.height, self.steps, self.guidance, tuple(r.size for r in self.references),
+                None if self.edit is None else self.edit.batch_key())
 
     def initial_noise(self, channels: int, downscale: int) -> Tensor:
         """(n, C, H/m, W/m) float32 on the CPU: the given noise, or one seeded draw per image."""
@@ -77,6 +80,7 @@ class Request:
             "height": self.height, "num_images": self.num_images,
             "references": [list(r.size) for r in self.references],
             "reference_digests": list(self.reference_digests), "notes": list(self.notes),
+            **({} if self.edit is None else self.edit.settings()),
         }
 
     def split(self, size: int) -> list[Request]:
@@ -106,11 +110,17 @@ def validate(
     num_images: Any = 1,
     noise: Tensor | None = None,
     max_pixels: int = MAX_PIXELS,
+    mask: MaskInput | None = None,
+    strength: Any = None,
+    mask_crop: Any = None,
+    expand: Any = None,
+    keep_unmasked: Any = False,
 ) -> Request:
     """Check and resolve one request for `preset`; raises InputError naming the bad value (and its `param`).
 
     `max_pixels` bounds the output: an explicit size over it is refused, a default one (the first reference's
-    size, or the preset's) is scaled down to fit, keeping its aspect.
+    size, or the preset's) is scaled down to fit, keeping its aspect. With a `mask`, `strength`, `mask_crop`,
+    `expand` or `keep_unmasked` the first image is the one edited (see `kleinbild.masking.prepare_edit`).
     """
     notes: list[str] = []
     if not isinstance(prompt, str):
@@ -121,14 +131,21 @@ def validate(
     if not _is_int(steps) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}", "steps")
     guidance, negative_prompt = _guidance(preset, guidance, negative_prompt, notes)
-    refs = _references(preset, images)
-    w, h = _size(preset, width, height, refs, max_pixels, notes)
+    edit_args = {"mask": mask, "strength": strength, "mask_crop": mask_crop, "expand": expand,
+                 "keep_unmasked": keep_unmasked or None}
+    edit = None
+    if any(v is not None for v in edit_args.values()):
+        refs, edit = _edit(preset, images, edit_args, steps, width, height, max_pixels, notes)
+        w, h = refs[0].size
+    else:
+        refs = _references(preset, images)
+        w, h = _size(preset, width, height, refs, max_pixels, notes)
     _untrained_size(preset, w, h, notes)
     seed = _seed(seed, num_images, noise, (num_images, preset.ae.latent_channels, h // preset.ae.downscale,
                                               w // preset.ae.downscale))
     digests = tuple(content_key(b"reference", im.mode.encode(), f"{im.size}".encode(), im.tobytes()) for im in refs)
     return Request(prompt, negative_prompt, tuple(refs), w, h, steps, guidance, seed, num_images, noise,
-                   tuple(notes), digests)
+                   tuple(notes), digests, edit)
 
 
 def _is_int(v: Any) -> bool:
@@ -155,16 +172,49 @@ def _guidance(preset: ModelPreset, guidance: Any, negative_prompt: Any, notes: l
     return float(guidance), negative_prompt
 
 
-def _references(preset: ModelPreset, images: Sequence[ImageInput] | ImageInput | None) -> list[Image.Image]:
+def _images(images: Sequence[ImageInput] | ImageInput | None) -> list[Any]:
     if images is None:
         return []
     items = [images] if isinstance(images, (Image.Image, str, Path)) else list(images)
-    cap = preset.max_ref_pixels_single if len(items) == 1 else preset.max_ref_pixels_multi
     try:
-        pil = [open_image(im) if isinstance(im, (str, Path)) else im for im in items]
-        return [prepare_reference(im, cap, preset.ae.downscale, i) for i, im in enumerate(pil)]
+        return [open_image(im) if isinstance(im, (str, Path)) else im for im in items]
     except InputError as e:
         raise InputError(str(e), e.param or "images") from None
+
+
+def _references(preset: ModelPreset, images: Sequence[ImageInput] | ImageInput | None, first: int = 0,
+                total: int | None = None) -> list[Image.Image]:
+    """Each image prepared as a reference; `first` numbers them in messages, `total` (all images of the request)
+    picks the cap."""
+    pil = _images(images)
+    n = len(pil) if total is None else total
+    cap = preset.max_ref_pixels_single if n == 1 else preset.max_ref_pixels_multi
+    try:
+        return [prepare_reference(im, cap, preset.ae.downscale, first + i) for i, im in enumerate(pil)]
+    except InputError as e:
+        raise InputError(str(e), e.param or "images") from None
+
+
+def _edit(preset: ModelPreset, images: Sequence[ImageInput] | ImageInput | None, args: dict[str, Any], steps: int,
+          width: Any, height: Any, max_pixels: int, notes: list[str]) -> tuple[list[Image.Image], Edit]:
+    """A masked or image-to-image edit: the image worked on, then the other references; the source sets the size."""
+    pil = _images(images)
+    if not pil:
+        name = next(k for k, v in args.items() if v is not None)
+        raise InputError(f"{name} needs the image it edits: pass images=[source, ...] (the first image is edited)",
+                         name)
+    if not isinstance(pil[0], Image.Image):
+        raise InputError(f"the image to edit is a {type(pil[0]).__name__}; pass a PIL image or a file path", "images")
+    size = None
+    if width is not None or height is not None:
+        size = _size(preset, width, height, [pil[0]], max_pixels, notes)
+    try:
+        work, edit = prepare_edit(preset, pil, args["mask"], strength=args["strength"], steps=steps,
+                                  mask_crop=args["mask_crop"], expand=args["expand"],
+                                  keep_unmasked=args["keep_unmasked"], size=size, max_pixels=max_pixels, notes=notes)
+    except InputError as e:
+        raise InputError(str(e), e.param or "images") from None
+    return [work, *_references(preset, pil[1:], first=1, total=len(pil))], edit
 
 
 def _size(preset: ModelPreset, width: Any, height: Any, refs: list[Image.Image], max_pixels: int,

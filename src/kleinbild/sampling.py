@@ -87,11 +87,13 @@ def euler(
     timesteps: list[float],
     velocity: Velocity,
     on_step: Callable[[int, int, Tensor], None] | None = None,
+    after_step: Callable[[int, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Integrate dx/dt = v from timesteps[0] to timesteps[-1].
 
     `velocity(x, t, step)` gets x in float32 and t as a (B,) float32 tensor; the state stays float32
-    whatever the model's dtype, so rounding does not accumulate over many steps.
+    whatever the model's dtype, so rounding does not accumulate over many steps. `after_step(step, x)` may
+    replace the state after each step (masked editing puts the kept region back), before `on_step` sees it.
     """
     x = x.float()
     n = len(timesteps) - 1
@@ -99,6 +101,8 @@ def euler(
         t_vec = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
         v = velocity(x, t_vec, i)
         x = x + (t_next - t) * v.float()
+        if after_step is not None:
+            x = after_step(i, x)
         if on_step is not None:
             on_step(i, n, x)
     return x
