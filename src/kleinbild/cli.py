@@ -165,6 +165,8 @@ def _serve_parser(sub: Any) -> None:
                    "(repeatable; default: none)")
     v.add_argument("--allowed-host", action="append", default=[], help="answer requests for this Host name "
                    "(repeatable; default: on a loopback address only its loopback names, elsewhere any)")
+    v.add_argument("--webhook-host", action="append", default=[], help="let BFL-style requests' webhook_url "
+                   "call this host ('name' or 'name:port'; repeatable; default: none, no webhooks)")
     v.add_argument("--public-url", help="what url results start with, e.g. https://images.example.com behind a "
                    "proxy (default: the address the client used)")
     v.add_argument("--body-timeout", type=_positive_int, default=30, help="seconds a request body may take "
@@ -415,7 +417,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ttl=float(args.ttl), preview_every=args.preview_every, prompt_cache=args.cache_size,
         reference_cache=args.cache_size, allowed_hosts=_allowed_hosts(args.host, args.allowed_host),
         public_url=args.public_url, body_timeout=float(args.body_timeout),
-        keep_alive_timeout=float(args.keep_alive_timeout),
+        keep_alive_timeout=float(args.keep_alive_timeout), webhook_hosts=tuple(args.webhook_host),
     )
     logging.getLogger("kleinbild").setLevel(args.log_level.upper())
     return serve(args.model, host=args.host, port=args.port, settings=settings, load_options=load_options(args),

@@ -100,7 +100,7 @@ def create_app(
         from starlette.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST",
-                           "DELETE"], allow_headers=["Authorization", "Content-Type", "Last-Event-ID"])
+                           "DELETE"], allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "x-key"])
     app.add_middleware(Observe, metrics=metrics)
     return app
 

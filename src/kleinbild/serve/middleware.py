@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
+from kleinbild.serve.bfl import ROUTES as BFL_ROUTES
 from kleinbild.serve.metrics import Metrics
 from kleinbild.serve.settings import ServerSettings
 
@@ -51,16 +52,20 @@ class Guard:
         return bool(self.keys) and (path == "/metrics" or api)
 
     def _authorised(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        given = b""
+        tokens = []
         for k, v in headers:
             if k == b"authorization":
-                given = v
-        scheme, _, token = given.decode("latin-1").partition(" ")
-        digest = hashlib.sha256(token.strip().encode()).digest()
+                scheme, _, token = v.decode("latin-1").partition(" ")
+                if scheme.lower() == "bearer":
+                    tokens.append(token)
+            elif k == b"x-key":  # BFL's API key header, so BFL clients work unchanged (serve/bfl.py)
+                tokens.append(v.decode("latin-1"))
         ok = False
-        for key in self.keys:  # no early exit: the time does not say which key (if any) matched
-            ok |= hmac.compare_digest(digest, key)
-        return ok and scheme.lower() == "bearer"
+        for token in tokens:
+            digest = hashlib.sha256(token.strip().encode()).digest()
+            for key in self.keys:  # no early exit: the time does not say which key (if any) matched
+                ok |= hmac.compare_digest(digest, key)
+        return ok
 
     def _host_allowed(self, headers: list[tuple[bytes, bytes]]) -> bool:
         """DNS rebinding: a page on another site must not reach a local server through a name that resolves here."""
@@ -83,7 +88,8 @@ class Guard:
             return
         if self._needs_key(scope["path"]) and not self._authorised(scope["headers"]):
             await _send_json(send, 401, _error_body(
-                "missing or wrong API key; send 'Authorization: Bearer <key>'", "invalid_api_key"),
+                "missing or wrong API key; send 'Authorization: Bearer <key>' (or 'x-key: <key>')",
+                "invalid_api_key"),
                 {"WWW-Authenticate": "Bearer"})
             return
         if scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -148,6 +154,8 @@ def _route_label(path: str) -> str:
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{id}"
+    if path in BFL_ROUTES:
+        return path
     return "other"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from kleinbild import __version__
+from kleinbild.serve.bfl import ENDPOINTS
 
 _INT = {"type": "integer"}
 _STR = {"type": "string"}
@@ -109,6 +110,53 @@ def _images_op(summary: str, multipart: bool, images: bool) -> dict[str, Any]:
 _ID = [{"name": "job_id", "in": "path", "required": True, "schema": _STR}]
 
 
+# BFL's API (serve/bfl.py): its own request fields and answer shapes.
+_BFL_FIELDS: dict[str, Any] = {
+    "prompt": {"type": "string", "minLength": 1, "maxLength": 32000},
+    **{k: {"type": ["string", "null"], "description": "base64 or a data URI (URLs are not fetched)"}
+       for k in ("input_image", "input_image_2", "input_image_3", "input_image_4")},
+    "seed": {"type": ["integer", "null"], "minimum": 0},
+    "width": {"type": ["integer", "null"], "minimum": 0, "description": "0 or null: from the first input image"},
+    "height": {"type": ["integer", "null"], "minimum": 0},
+    "output_format": {"enum": ["jpeg", "png", "webp"]},
+    "safety_tolerance": {"type": "integer", "minimum": 0, "maximum": 6, "description": "accepted, not applied"},
+    "prompt_upsampling": {"type": "boolean", "description": "accepted, not applied"},
+    "webhook_url": {"type": ["string", "null"], "description": "only to hosts allowed with --webhook-host"},
+    "webhook_secret": {"type": ["string", "null"], "description": "signs the webhook: X-BFL-Signature"},
+}
+_BFL_ERROR = {"type": "object", "required": ["detail"], "properties": {"detail": {"anyOf": [
+    _STR, {"type": "array", "items": {"type": "object", "required": ["loc", "msg", "type"]}}]}}}
+_BFL_SUBMITTED = {"type": "object", "required": ["id", "polling_url"], "properties": {
+    "id": _STR, "polling_url": _STR, "cost": {"type": "number"}, "input_mp": {"type": "number"},
+    "output_mp": {"type": "number"}}}
+_BFL_RESULT = {"type": "object", "required": ["id", "status", "result", "progress"], "properties": {
+    "id": _STR,
+    "status": {"enum": ["Task not found", "Pending", "Request Moderated", "Content Moderated", "Ready", "Error"]},
+    "result": {"oneOf": [{"type": "null"}, {"type": "object", "required": ["sample", "seed", "prompt"],
+                                            "properties": {"sample": _STR, "seed": _INT, "prompt": _STR}}]},
+    "progress": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    "details": {"type": ["object", "null"]}, "preview": {"type": ["object", "null"]}}}
+
+
+def _bfl_errors(*codes: int) -> dict[str, Any]:
+    # The guards in front of every route answer in OpenAI's shape; the handlers in BFL's.
+    schema = {"anyOf": [{"$ref": "#/components/schemas/BflError"}, {"$ref": "#/components/schemas/Error"}]}
+    return {str(c): {"description": "an error", "content": {"application/json": {"schema": schema}}} for c in codes}
+
+
+def _bfl_paths() -> dict[str, Any]:
+    body = {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["prompt"], "additionalProperties": False, "properties": _BFL_FIELDS}}}}
+    submit = {"post": {"summary": "BFL API: queue a generation or edit", "requestBody": body, "responses": {
+        "200": {"description": "the task", "content": _json("BflSubmitted")}, **_bfl_errors(*_GUARDS)}}}
+    paths: dict[str, Any] = {f"/v1/{name}": submit for name in ENDPOINTS}
+    paths["/v1/get_result"] = {"get": {"summary": "BFL API: a task's status and result", "parameters": [
+        {"name": "id", "in": "query", "required": True, "schema": _STR}], "responses": {
+        "200": {"description": "the task (status 'Task not found' for an unknown id)",
+                "content": _json("BflResult")}, **_bfl_errors(*_GUARDS)}}}
+    return paths
+
+
 def openapi_document() -> dict[str, Any]:
     job_answer = {"200": {"description": "the job", "content": _json("Job")}, **_errors(*_GUARDS)}
     return {
@@ -147,11 +195,14 @@ def openapi_document() -> dict[str, Any]:
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
                 "200": {"description": "the exposition text", "content": {"text/plain": {"schema": _STR}}},
                 **_errors(400, 401)}}},
+            **_bfl_paths(),
         },
         "components": {
-            "schemas": {"Error": _ERROR, "ImagesResponse": _IMAGES_RESPONSE, "Job": _JOB,
+            "schemas": {"Error": _ERROR, "ImagesResponse": _IMAGES_RESPONSE, "Job": _JOB, "BflError": _BFL_ERROR,
+                        "BflSubmitted": _BFL_SUBMITTED, "BflResult": _BFL_RESULT,
                         "Model": {"type": "object", "required": ["id", "object", "ready"], "properties": {
                             "id": _STR, "object": {"const": "model"}, "ready": {"type": "boolean"}}}},
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "x-key": {"type": "apiKey", "in": "header", "name": "x-key"}},
         },
     }

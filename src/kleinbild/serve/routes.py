@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 
 from kleinbild import __version__
 from kleinbild.images import MIN_SIDE
+from kleinbild.serve.bfl import add_bfl_routes
 from kleinbild.serve.metrics import Metrics
 from kleinbild.serve.openapi import openapi_document
 from kleinbild.serve.protocol import ApiError, _bad, base_url, build_job, images_response, job_view, read_request
@@ -239,6 +240,7 @@ def add_routes(app: FastAPI, s: Service) -> None:
         ("/openapi.json", s.openapi, ["GET"], 200),
     ):
         app.add_api_route(path, handler, methods=methods, status_code=status)
+    add_bfl_routes(app, s)  # BFL's API (api.bfl.ai) as a local drop-in
 
 
 async def _events(job: Job, base: str, start: int) -> AsyncIterator[str]:

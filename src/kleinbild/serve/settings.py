@@ -36,6 +36,9 @@ class ServerSettings:
     max_generation_bytes: int = 2**20  # a generation's body (no images in it)
     body_timeout: float = 30.0  # seconds a request body may take to arrive
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    # Hosts ("name" or "name:port") a BFL-style `webhook_url` may point at; empty: no webhooks, so a client cannot
+    # make the server call arbitrary URLs.
+    webhook_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # An empty key (an unset $KEY on the command line) would make `Authorization: Bearer` with no token pass.
