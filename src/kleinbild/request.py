@@ -59,6 +59,13 @@ class Request:
             return ()
         return tuple(self.seed + i for i in range(self.num_images))
 
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """The images' (width, height): the model's, or with crop-and-stitch the whole picture the crop goes into."""
+        if self.edit is not None and self.edit.canvas is not None:
+            return self.edit.canvas.size
+        return self.width, self.height
+
     def batch_key(self) -> tuple:
         """Requests with equal keys can share every forward pass (prompts, references and seeds may differ)."""
         return (self.width, self.height, self.steps, self.guidance, tuple(r.size for r in self.references),

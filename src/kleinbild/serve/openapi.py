@@ -29,6 +29,17 @@ _FIELDS: dict[str, Any] = {
     "background": {"enum": ["auto", "opaque", "transparent"]},
     "user": _STR,
 }
+# Masked editing (edits and jobs): the first image is the one edited.
+_EDIT_FIELDS: dict[str, Any] = {
+    "mask": {"type": "string", "description": "base64 or a data URI of a PNG of the first image's size: fully "
+             "transparent pixels are edited; without transparency, white = edit"},
+    "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "description": "1: from pure noise"},
+    "keep_unmasked": {"type": "boolean", "description": "paste the source back outside the mask (default: on "
+                      "with a mask)"},
+    "mask_crop": {"type": "integer", "minimum": 0, "description": "edit a crop around the mask, padded by this"},
+    "expand": {"description": "outpaint: pixels added left, top, right, bottom", "oneOf": [
+        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 4, "maxItems": 4}, _STR]},
+}
 _IMAGES = {"description": "base64 or data URIs", "oneOf": [_STR, {"type": "array", "items": _STR, "maxItems": 4}]}
 
 _ERROR = {
@@ -55,7 +66,7 @@ _IMAGES_RESPONSE = {
             "input_tokens": _INT, "output_tokens": _INT, "total_tokens": _INT}},
         "kleinbild": {"type": "object", "required": ["job", "seeds", "steps", "notes"], "properties": {
             "job": _STR, "seeds": {"type": "array", "items": _INT}, "steps": _INT,
-            "notes": {"type": "array", "items": _STR}}},
+            "notes": {"type": "array", "items": _STR}, "edit": {"type": "object"}}},
     },
 }
 
@@ -94,10 +105,12 @@ def _body(multipart: bool, images: bool) -> dict[str, Any]:
     if images:
         props["image"] = _IMAGES
         props["images"] = _IMAGES
+        props |= _EDIT_FIELDS
     content: dict[str, Any] = {"application/json": {"schema": {"type": "object", "required": ["prompt"],
                                                               "properties": props}}}
     if multipart:
-        form = {k: {"type": "string"} for k in _FIELDS} | {"image": {"type": "string", "format": "binary"}}
+        form = {k: {"type": "string"} for k in (*_FIELDS, *_EDIT_FIELDS)} | {
+            k: {"type": "string", "format": "binary"} for k in ("image", "mask")}
         content["multipart/form-data"] = {"schema": {"type": "object", "required": ["prompt"], "properties": form}}
     return {"required": True, "content": content}
 

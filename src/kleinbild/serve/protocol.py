@@ -11,6 +11,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request as HttpRequest
@@ -19,6 +20,7 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 
 from kleinbild.images import InputError
+from kleinbild.masking import alpha_mask
 from kleinbild.request import MAX_SEED
 from kleinbild.serve.settings import ServerSettings
 from kleinbild.serve.worker import SUCCEEDED, Delivery, Job
@@ -58,7 +60,6 @@ _INT = re.compile(r"^[+-]?[0-9]{1,20}$", re.ASCII)
 # OpenAI parameters that change nothing here and are safe to accept.
 _IGNORED = frozenset({"user", "safety_identifier", "quality", "style", "moderation", "input_fidelity", "complexity"})
 _UNSUPPORTED = {
-    "mask": "masks (inpainting) are not supported; describe the change in the prompt instead",
     "markup": "markup images are not supported",
     "svg": "SVG output is not supported",
     "frame_count": "animations are not supported",
@@ -66,7 +67,8 @@ _UNSUPPORTED = {
 }
 _KNOWN = frozenset({
     "prompt", "n", "size", "response_format", "output_format", "output_compression", "seed", "steps", "guidance",
-    "negative_prompt", "model", "background", "stream", "partial_images", "image", "images",
+    "negative_prompt", "model", "background", "stream", "partial_images", "image", "images", "mask", "strength",
+    "keep_unmasked", "mask_crop", "expand",
 })
 
 
@@ -160,8 +162,16 @@ def _kind(v: Any) -> str:
     return {dict: "an object", list: "an array"}.get(type(v), type(v).__name__)
 
 
-async def read_request(request: HttpRequest, settings: ServerSettings, *, allow_form: bool
-                       ) -> tuple[Fields, list[bytes]]:
+@dataclass(frozen=True)
+class Body:
+    """A request body as read: its fields, the raw bytes of every reference image and of the mask (if any)."""
+
+    fields: Fields
+    images: list[bytes]
+    mask: bytes | None = None
+
+
+async def read_request(request: HttpRequest, settings: ServerSettings, *, allow_form: bool) -> Body:
     """The fields and the raw bytes of every image, from a JSON or (where allowed) a multipart body."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json")):
@@ -177,6 +187,7 @@ async def read_request(request: HttpRequest, settings: ServerSettings, *, allow_
             raise _bad(f"the body must be a JSON object, got {_kind(body)}", None, "invalid_json")
         fields = Fields(body, from_form=False)
         images = _json_images(body, settings)
+        mask = _json_mask(body)
     elif allow_form and ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         try:
             form = await request.form(max_files=settings.max_images + 1, max_fields=64)
@@ -184,9 +195,14 @@ async def read_request(request: HttpRequest, settings: ServerSettings, *, allow_
             detail = getattr(e, "detail", None) or str(e) or type(e).__name__
             raise _bad(f"cannot read the multipart body: {detail}", None, "invalid_multipart") from None
         values: dict[str, Any] = {}
-        images = []
+        images, mask = [], None
         for key, value in form.multi_items():
-            if _IMAGE_KEY.match(key):
+            if key == "mask":  # a file part, as OpenAI's clients send it, or base64 text
+                if mask is not None:
+                    raise _bad("mask is given twice; send one mask (for the first image)", key,
+                               "duplicate_parameter")
+                mask = await value.read() if isinstance(value, UploadFile) else _decode_image_string(value, key)
+            elif _IMAGE_KEY.match(key):
                 if isinstance(value, UploadFile):
                     images.append(await value.read())
                 else:
@@ -211,7 +227,7 @@ async def read_request(request: HttpRequest, settings: ServerSettings, *, allow_
         raise ApiError(415, f"Content-Type {ctype!r} is not accepted here; send {accepted}",
                        code="unsupported_media_type")
     _check_names(fields.values)
-    return fields, images
+    return Body(fields, images, mask)
 
 
 def _accepted(allow_form: bool) -> str:
@@ -256,6 +272,19 @@ def _json_images(body: Mapping[str, Any], settings: ServerSettings) -> list[byte
     return out
 
 
+def _json_mask(body: Mapping[str, Any]) -> bytes | None:
+    item = body.get("mask")
+    if item is None:
+        return None
+    if isinstance(item, dict):  # OpenAI's JSON form, as for images
+        if set(item) - {"image_url", "b64_json"} or len(item) != 1:
+            raise _bad('mask must be a string or {"image_url": "data:..."}', "mask", "invalid_type")
+        item = next(iter(item.values()))
+    if not isinstance(item, str):
+        raise _bad(f"mask must be a base64 string or a data URI of a PNG, got {_kind(item)}", "mask", "invalid_type")
+    return _decode_image_string(item, "mask")
+
+
 def _decode_image_string(text: str, param: str) -> bytes:
     s = text.strip()
     if s.lower().startswith(("http://", "https://", "file:")):
@@ -275,35 +304,44 @@ def _decode_image_string(text: str, param: str) -> bytes:
 
 
 def decode_image(data: bytes, index: int, settings: ServerSettings) -> Image.Image:
-    param = "image" if index == 0 else f"image[{index}]"
+    return _open_image(data, f"image {index}", "image" if index == 0 else f"image[{index}]", settings)
+
+
+def decode_mask(data: bytes, settings: ServerSettings) -> Image.Image:
+    """OpenAI's mask: a PNG whose fully transparent pixels mark where to edit; an opaque one is white = edit."""
+    return alpha_mask(_open_image(data, "the mask", "mask", settings))
+
+
+def _open_image(data: bytes, what: str, param: str, settings: ServerSettings) -> Image.Image:
     if not data:
-        raise _bad(f"image {index} is empty", param, "invalid_image")
+        raise _bad(f"{what} is empty", param, "invalid_image")
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise ApiError(413, f"image {index} has too many pixels", param=param, code="image_too_large") from None
+        raise ApiError(413, f"{what} has too many pixels", param=param, code="image_too_large") from None
     except Exception:  # UnidentifiedImageError mostly; some plugins raise SyntaxError or ValueError on bad headers
-        raise _bad(f"image {index} is not a readable image; send PNG, JPEG or WebP bytes", param,
+        raise _bad(f"{what} is not a readable image; send PNG, JPEG or WebP bytes", param,
                    "invalid_image") from None
     if img.format not in ("PNG", "JPEG", "WEBP"):
-        raise ApiError(415, f"image {index} is {img.format}; send PNG, JPEG or WebP", param=param,
+        raise ApiError(415, f"{what} is {img.format}; send PNG, JPEG or WebP", param=param,
                        code="unsupported_image_format")
     w, h = img.size
     if w * h > settings.max_image_pixels:
-        raise ApiError(413, f"image {index} is {w}x{h}; at most {settings.max_image_pixels / 1e6:.1f} megapixels are "
+        raise ApiError(413, f"{what} is {w}x{h}; at most {settings.max_image_pixels / 1e6:.1f} megapixels are "
                        "accepted (downscale it)", param=param, code="image_too_large")
     try:
         img.load()
     except Exception:  # truncated or corrupt: PIL raises OSError, SyntaxError, ValueError... by codec
-        raise _bad(f"image {index} is corrupt or truncated", param, "invalid_image") from None
+        raise _bad(f"{what} is corrupt or truncated", param, "invalid_image") from None
     return img
 
 
-def build_job(fields: Fields, images: list[bytes], kind: str, pipe: KleinPipeline, settings: ServerSettings,
-              model_ids: tuple[str, ...]) -> Job:
+def build_job(body: Body, kind: str, pipe: KleinPipeline, settings: ServerSettings, model_ids: tuple[str, ...]
+              ) -> Job:
     """Validate everything before the job is queued, so a bad request costs no model time and says what is wrong.
 
     HTTP's own fields and limits are checked here; the rest is the engine's one validation (`pipe.request`)."""
+    fields, images = body.fields, body.images
     model = fields.text("model")
     if model is not None and model not in model_ids:
         raise ApiError(404, f"model {model!r} is not served here; this server runs {model_ids[0]!r} "
@@ -324,7 +362,7 @@ def build_job(fields: Fields, images: list[bytes], kind: str, pipe: KleinPipelin
                 guidance=fields.number("guidance", 0.0, 100.0),
                 negative_prompt=fields.text("negative_prompt", max_len=settings.max_prompt_chars),
                 seed=fields.integer("seed", 0, MAX_SEED - settings.max_n), num_images=n,
-                max_pixels=settings.max_pixels)
+                max_pixels=settings.max_pixels, **_edit_args(fields, body.mask, settings))
     try:
         request = pipe.request(prompt, pil, **args)
     except InputError as e:
@@ -333,6 +371,20 @@ def build_job(fields: Fields, images: list[bytes], kind: str, pipe: KleinPipelin
     except Exception as e:  # an odd mode or a codec error on conversion: still the image's fault
         raise _bad(f"cannot use the image: {type(e).__name__}: {e}", "image", "invalid_image") from None
     return Job(request, delivery)
+
+
+def _edit_args(fields: Fields, mask: bytes | None, settings: ServerSettings) -> dict[str, Any]:
+    """Masked editing's fields. keep_unmasked defaults to on with a mask: what a user did not paint stays as it was."""
+    expand = fields.get("expand")
+    if expand is not None and not isinstance(expand, str) and not (isinstance(expand, list) and len(expand) == 4):
+        raise _bad(f"expand must be four pixel counts [left, top, right, bottom] (or 'L,T,R,B'), got {_kind(expand)}",
+                   "expand", "invalid_type")
+    keep = fields.flag("keep_unmasked")
+    if keep is None:
+        keep = mask is not None or expand is not None
+    return dict(mask=None if mask is None else decode_mask(mask, settings),
+                strength=fields.number("strength", 0.0, 1.0), mask_crop=fields.integer("mask_crop", 0, 4096),
+                expand=expand, keep_unmasked=keep)
 
 
 # The engine's names for what the OpenAI API calls otherwise.
@@ -392,7 +444,7 @@ def images_response(job: Job, base_url: str) -> dict[str, Any]:
         "data": data,
         "background": "opaque",
         "output_format": d.output_format,
-        "size": f"{s.width}x{s.height}",
+        "size": "{}x{}".format(*s.output_size),
         "usage": {
             "input_tokens": text_tokens + image_tokens,
             "input_tokens_details": {"text_tokens": text_tokens, "image_tokens": image_tokens},
@@ -413,8 +465,13 @@ def images_response(job: Job, base_url: str) -> dict[str, Any]:
             "timings": st.get("timings", {}),
             "cache": st.get("cache", {}),
             "notes": st.get("notes", []),
+            **({"edit": {k: st[k] for k in _EDIT_KEYS if k in st}} if "strength" in st else {}),
         },
     }
+
+
+# What a masked or image-to-image result says of its edit (from the engine's settings).
+_EDIT_KEYS = ("strength", "masked", "keep_unmasked", "mask_crop", "crop_box", "expand")
 
 
 def job_view(job: Job, base_url: str) -> dict[str, Any]:
@@ -429,7 +486,7 @@ def job_view(job: Job, base_url: str) -> dict[str, Any]:
         "finished_at": None if job.finished is None else int(job.finished),
         "progress": {"step": job.step, "total": job.total or s.steps},
         "batch_size": job.batch_size,
-        "request": {"prompt": s.prompt, "size": f"{s.width}x{s.height}", "n": s.num_images,
+        "request": {"prompt": s.prompt, "size": "{}x{}".format(*s.output_size), "n": s.num_images,
                     "seeds": list(s.seeds), "steps": s.steps, "guidance": s.guidance,
                     "references": len(job.reference_sizes), "response_format": d.response_format,
                     "output_format": d.output_format},

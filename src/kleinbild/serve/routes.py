@@ -68,13 +68,14 @@ class Service:
     async def make_job(self, request: Request, kind: str) -> Job:
         pipe = self.ready_pipe()
         self._room()
-        fields, images = await read_request(request, self.settings, allow_form=kind != "generation")
-        if kind == "generation" and images:
-            raise _bad("generations take no image; send references to /v1/images/edits (or /v1/jobs)", "image",
-                       "unexpected_image")
-        job_kind = ("edit" if images else "generation") if kind == "job" else kind
-        args = (fields, images, job_kind, pipe, self.settings, self.model_ids)
-        job = await asyncio.to_thread(build_job, *args) if images else build_job(*args)
+        body = await read_request(request, self.settings, allow_form=kind != "generation")
+        if kind == "generation" and (body.images or body.mask is not None):
+            param = "image" if body.images else "mask"
+            raise _bad(f"generations take no {param}; send edits to /v1/images/edits (or /v1/jobs)", param,
+                       f"unexpected_{param}")
+        job_kind = ("edit" if body.images else "generation") if kind == "job" else kind
+        args = (body, job_kind, pipe, self.settings, self.model_ids)
+        job = await asyncio.to_thread(build_job, *args) if body.images else build_job(*args)
         if kind == "job":
             job.delivery = replace(job.delivery, previews=True)
         try:
