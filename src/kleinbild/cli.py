@@ -16,6 +16,7 @@ from kleinbild import __version__, cli_train
 if TYPE_CHECKING:
     from kleinbild.loading import LoadOptions
     from kleinbild.pipeline import KleinPipeline
+    from kleinbild.request import Request
     from kleinbild.result import GenerationResult
 
 
@@ -110,7 +111,16 @@ def _generate_parser(sub: Any) -> None:
     add_model_flags(g, default=None, offload="model")
     g.add_argument("--from", dest="from_png", metavar="PNG", help="make again the image this kleinbild PNG holds "
                    "(its prompt, seed, size, references and model); flags given beside it win")
-    g.add_argument("--image", "-i", action="append", default=[], help="reference image (repeat for several)")
+    g.add_argument("--image", "-i", action="append", default=[], help="reference image (repeat for several); "
+                   "with --mask, --strength or --expand the first is the image edited")
+    g.add_argument("--mask", help="mask of the first image's size: white = repaint, black = keep")
+    g.add_argument("--strength", type=float, help="(0, 1]: how far from the source sampling starts (1: pure noise; "
+                   "without --mask, image-to-image)")
+    g.add_argument("--mask-crop", type=int, metavar="PAD", help="edit a crop around the mask, padded by PAD pixels, "
+                   "at the model's size, and paste it back")
+    g.add_argument("--expand", metavar="L,T,R,B", help="outpaint: pixels to add on the left, top, right, bottom")
+    g.add_argument("--keep-unmasked", action="store_true", help="paste the source's own pixels back outside the "
+                   "mask (the mask's soft edge blends)")
     size = "default: the first reference's, else the model's (nano 128, klein 1024)"
     g.add_argument("--width", "-W", type=_positive_int, help=f"pixels, rounded down to a multiple of 16 ({size})")
     g.add_argument("--height", "-H", type=_positive_int, help=f"pixels ({size})")
@@ -261,11 +271,14 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
 
 
-def image_meta(result: GenerationResult, index: int, image_paths: list[str]) -> dict[str, Any]:
+def image_meta(result: GenerationResult, index: int, image_paths: list[str], mask_path: str | None = None
+               ) -> dict[str, Any]:
     """What the file of image `index` records: enough to make it again (`kleinbild generate --from`)."""
     meta = result.image_settings(index)
     for ref, path in zip(meta["references"], image_paths, strict=True):
         ref["path"] = str(Path(path).resolve())
+    if mask_path is not None:
+        meta["mask_path"] = str(Path(mask_path).resolve())
     meta.update(index=index, software=f"kleinbild {__version__}")
     return meta
 
@@ -287,14 +300,30 @@ def _from_png(args: argparse.Namespace) -> dict[str, Any]:
         args.image = [r["path"] for r in s.get("references", [])]
     if not args.lora:
         args.lora = [f"{x['source']}:{x['scale']}" for x in s.get("loras") or [] if x.get("source")]
+    _edit_from_png(args, s)
     return s
 
 
-def _check_references(original: dict[str, Any], digests: tuple[str, ...]) -> None:
+def _edit_from_png(args: argparse.Namespace, s: dict[str, Any]) -> None:
+    for name in ("strength", "mask_crop", "expand"):
+        if getattr(args, name) is None and s.get(name) is not None:
+            setattr(args, name, s[name])
+    args.keep_unmasked = args.keep_unmasked or bool(s.get("keep_unmasked"))
+    if s.get("masked") and args.mask is None:
+        if not s.get("mask_path"):
+            raise ValueError(f"{args.from_png} was a masked edit whose mask it does not name; pass it with --mask")
+        args.mask = s["mask_path"]
+
+
+def _check_references(original: dict[str, Any], req: Request) -> None:
     made_from = [r.get("digest") for r in original.get("references", [])]
-    if made_from and list(digests) != made_from:
+    if made_from and list(req.reference_digests) != made_from:
         sys.stderr.write("warning: the references differ from the ones this image was made from; the result will "
                          "differ too\n")
+    mask = original.get("mask_digest")
+    if mask and (req.edit is None or req.edit.mask_digest != mask):
+        sys.stderr.write("warning: the mask differs from the one this image was made with; the result will differ "
+                         "too\n")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -312,13 +341,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Checked against the model's preset before its weights are read: a bad size or image fails at once.
     req = validate(files.preset, args.prompt, args.image or None, width=args.width, height=args.height,
                    steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
-                   num_images=args.num_images)
+                   num_images=args.num_images, mask=args.mask, strength=args.strength, mask_crop=args.mask_crop,
+                   expand=args.expand, keep_unmasked=args.keep_unmasked)
     t0 = time.perf_counter()
     pipe = KleinPipeline.from_located(files, options, source=str(args.model))
     if not args.quiet:
         sys.stderr.write(f"loaded {pipe.preset.name} on {pipe.device} ({time.perf_counter() - t0:.1f}s)\n")
     if original is not None:
-        _check_references(original, req.reference_digests)
+        _check_references(original, req)
     result = pipe.run([req], _progress(args.quiet))[0]
     _report(pipe, result, paths, args)
     return 0
@@ -333,7 +363,8 @@ def _report(pipe: KleinPipeline, result: GenerationResult, paths: list[Path], ar
         if path.exists():
             sys.stderr.write(f"note: replacing {path}\n")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode_image(img, _FORMATS[path.suffix.lower()], image_meta(result, i, args.image)))
+        meta = image_meta(result, i, args.image, args.mask)
+        path.write_bytes(encode_image(img, _FORMATS[path.suffix.lower()], meta))
         if not args.json:
             print(path)
     if args.json:  # one JSON object on stdout, nothing else
@@ -343,7 +374,8 @@ def _report(pipe: KleinPipeline, result: GenerationResult, paths: list[Path], ar
         s = result.settings
         seeds = s["seeds"]
         which = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}..{seeds[-1]}"
-        sys.stderr.write(f"{which}, {s['width']}x{s['height']}, {s['steps']} steps, {s['seconds']:.2f}s\n")
+        w, h = result.images[0].size  # with a crop pasted back: the whole picture's
+        sys.stderr.write(f"{which}, {w}x{h}, {s['steps']} steps, {s['seconds']:.2f}s\n")
 
 
 # ---------------------------------------------------------------- the other commands

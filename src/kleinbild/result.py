@@ -27,7 +27,11 @@ class GenerationResult:
         out["num_images"] = 1
         out["references"] = [{"size": size, "digest": digest} for size, digest in
                              zip(s.get("references", []), s.get("reference_digests", []), strict=True)]
+        out |= {k: s[k] for k in _EDIT_KEYS if k in s}  # a masked or image-to-image edit
         return out
+
+
+_EDIT_KEYS = ("strength", "masked", "keep_unmasked", "mask_digest", "mask_crop", "expand")
 
 
 class NonFiniteError(ValueError):
