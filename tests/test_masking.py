@@ -197,8 +197,11 @@ def test_masks_from_arrays_files_and_alpha(tmp_path):
     rgba[..., 3] = 255
     rgba[:, 24:, 3] = 0  # OpenAI: transparent = edit
     assert (np.asarray(masking.alpha_mask(Image.fromarray(rgba)))[:, 24:] == 255).all()
-    opaque = Image.fromarray(np.dstack([np.asarray(masking.read_mask(arr))] * 3 + [np.full((32, 48), 255, np.uint8)]))
-    assert np.array_equal(np.asarray(masking.alpha_mask(opaque)), np.asarray(masking.read_mask(arr)))
+    grey = np.asarray(masking.read_mask(arr))
+    # Without alpha, luminance: white = edit. With alpha but nothing transparent: nothing to edit (not luminance).
+    assert np.array_equal(np.asarray(masking.alpha_mask(Image.fromarray(np.dstack([grey] * 3)))), grey)
+    opaque = Image.fromarray(np.dstack([grey] * 3 + [np.full((32, 48), 255, np.uint8)]))
+    assert not np.asarray(masking.alpha_mask(opaque)).any()
     for bad in (np.full((32, 48), 2.0), np.full((32, 48), np.nan), np.zeros((2, 32, 48)), "nope.png", 5):
         with pytest.raises(InputError) as e:
             masking.read_mask(bad)

@@ -116,8 +116,8 @@ def _drag(page, box, size, points, steps=6):
 
 def test_masked_edit_keeps_the_unmasked_half(tmp_path):
     """Paint the left half of the first reference (plus a dab that the eraser takes off again), run the edit: the
-    request carries a white-on-black PNG mask of the image's size, and the right half comes back unchanged. Clear
-    sends no mask at all."""
+    request carries a PNG mask of the image's size, transparent where painted, and the right half comes back
+    unchanged. Clear sends no mask at all."""
     folder = reference_pipeline("distilled", deep_text=True)[1]
     pipe = KleinPipeline.from_pretrained(folder, device="cpu", dtype="float32")
     w, h = 96, 64
@@ -186,10 +186,9 @@ def test_masked_edit_keeps_the_unmasked_half(tmp_path):
             assert body["mask"].startswith("data:image/png;base64,")
             m = Image.open(io.BytesIO(base64.b64decode(body["mask"].split(",", 1)[1])))
             assert m.size == (w, h)
-            rgba = np.asarray(m.convert("RGBA"))
-            assert (rgba[..., 3] == 255).all(), "an opaque mask: white = edit, black = keep"
-            lum = np.asarray(m.convert("L"))
-            assert (lum[:, :40] == 255).all() and (lum[:, 50:] == 0).all(), "the left half, and the dab erased"
+            alpha = np.asarray(m.convert("RGBA"))[..., 3]
+            # OpenAI's form: transparent = edit; the left half, and the dab erased again.
+            assert (alpha[:, :40] == 0).all() and (alpha[:, 50:] == 255).all()
 
             sync_api.expect(page.locator("#error")).to_have_text("")
             sync_api.expect(page.locator(".card img.result")).to_have_count(2, timeout=60_000)

@@ -164,6 +164,8 @@ def bad_cases() -> list[tuple[dict, int, str, str]]:
     return [
         ({"image": src, "mask": half}, 400, "mask", "32x32"),
         ({"image": src, "mask": black}, 400, "mask", "nothing to repaint"),
+        ({"image": src, "mask": base64.b64encode(openai_mask(np.zeros((H, W), np.uint8))).decode()}, 400, "mask",
+         "no transparent pixel"),
         ({"image": src, "mask": base64.b64encode(b"not a png").decode()}, 400, "mask", "not a readable image"),
         ({"image": src, "mask": "https://example.com/m.png"}, 400, "mask", "not fetched"),
         ({"image": src, "mask": 7}, 400, "mask", "base64"),

@@ -186,13 +186,15 @@ def read_mask(mask: MaskInput, param: str = "mask") -> Image.Image:
 
 
 def alpha_mask(img: Image.Image) -> Image.Image:
-    """OpenAI's mask rule: fully transparent = edit. A mask with transparency gives 255 - alpha; an opaque one is read
-    by its luminance (white = edit)."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        alpha = np.asarray(img.convert("RGBA"))[..., 3]
-        if (alpha < 255).any():
-            return Image.fromarray(255 - alpha)
+    """OpenAI's mask rule: a mask with an alpha channel is read by its alpha (fully transparent = edit, so the
+    mask is 255 - alpha); one without alpha by its luminance (white = edit)."""
+    if has_alpha(img):
+        return Image.fromarray(255 - np.asarray(img.convert("RGBA"))[..., 3])
     return img.convert("L")
+
+
+def has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info)
 
 
 # ---------------------------------------------------------------- geometry

@@ -7,12 +7,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from kleinbild.nano import shapes
 from kleinbild.nano.analyze import analyze, matches
 
-TASKS = ("single", "double", "edit", "compose", "held_out")
+TASKS = ("single", "double", "edit", "compose", "held_out", "masked")
+# The masked task: the edit task's examples whose change has a place to mask (not the background's), with a mask
+# over every object the edit changes, grown by MASK_PAD pixels, and the unmasked pixels kept.
+MASKED_KINDS = ("recolour", "move", "add", "remove")
+MASK_PAD = 6
 ATTRIBUTES = ("background", "count", "colour", "shape", "size", "position")
 
 
@@ -76,15 +81,43 @@ def evaluate(
             raise ValueError(f"unknown eval task {task!r}; choose from {', '.join(TASKS)}")
         res = TaskResult(task)
         t0 = time.perf_counter()
-        for i, ex in enumerate(shapes.eval_set(task, n, seed)):
+        examples = masked_examples(n, seed) if task == "masked" else shapes.eval_set(task, n, seed)
+        for i, ex in enumerate(examples):
             refs = [shapes.render(s, size) for s in ex.sources]
-            out = pipe.generate(ex.prompt, refs or None, width=size, height=size, steps=steps, seed=seed + i)
+            edit: dict[str, Any] = {}
+            if task == "masked":
+                edit = dict(mask=edit_mask(ex, size), keep_unmasked=True)
+            out = pipe.generate(ex.prompt, refs or None, width=size, height=size, steps=steps, seed=seed + i, **edit)
             used_guidance = out.settings["guidance"]
             img = out.images[0]
-            res.samples.append(Sample(ex, img, matches(analyze(img), ex.target)))
+            verdict = matches(analyze(img), ex.target)
+            if edit:  # every pixel outside the mask is the source's (to 1 level)
+                keep = np.asarray(edit["mask"]) == 0
+                diff = np.abs(np.asarray(img, np.int16) - np.asarray(refs[0], np.int16)).max(axis=-1)
+                verdict["unmasked_kept"] = bool((diff[keep] <= 1).all())
+            res.samples.append(Sample(ex, img, verdict))
         res.seconds = time.perf_counter() - t0
         results[task] = res
     return Report(pipe.preset.name, used_steps, used_guidance, results)
+
+
+def masked_examples(n: int, seed: int = 0) -> list[shapes.Example]:
+    """The first `n` edit-task examples of the kinds a mask can hold (the edit task's own, in its order)."""
+    per_cycle = len(MASKED_KINDS) / len(shapes.EDIT_KINDS)
+    pool = shapes.eval_set("edit", int(n / per_cycle) + len(shapes.EDIT_KINDS), seed)
+    return [ex for ex in pool if ex.edit in MASKED_KINDS][:n]
+
+
+def edit_mask(ex: shapes.Example, size: int, pad: int = MASK_PAD) -> Image.Image:
+    """White over every object the edit changes, where it was and where it goes, grown by `pad` pixels."""
+    source = ex.sources[0]
+    changed = [o for o in source.objects if o not in ex.target.objects]
+    changed += [o for o in ex.target.objects if o not in source.objects]
+    m = np.zeros((size, size), np.uint8)
+    for o in changed:
+        x1, y1, x2, y2 = shapes.object_box(o, size)
+        m[max(0, int(y1) - pad) : int(y2 + 1) + pad, max(0, int(x1) - pad) : int(x2 + 1) + pad] = 255
+    return Image.fromarray(m)
 
 
 def format_table(report: Report) -> str:

@@ -168,7 +168,8 @@ def sample_scene(rng: random.Random, n_objects: int | None = None, held_out: boo
 # Rendering
 
 
-def _object_box(o: Obj, side: float) -> tuple[float, float, float, float]:
+def object_box(o: Obj, side: float) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of the square an object is drawn in, on an image `side` pixels wide."""
     fx, fy = POSITIONS[o.position]
     half = SIZE_FRACTIONS[o.size] * side / 2
     cx, cy = fx * side, fy * side
@@ -199,7 +200,7 @@ def render(scene: Scene, size: int = 128, drawers: dict[str, Callable[[ImageDraw
     img = Image.new("RGB", (size, size), PALETTE[scene.background])
     ss = _SUPERSAMPLE
     for o in scene.objects:
-        x0, y0, x1, y1 = _object_box(o, size * ss)
+        x0, y0, x1, y1 = object_box(o, size * ss)
         # Supersample only the pixel-aligned patch around the object (a tenth of the full 4x canvas) into a coverage
         # mask, then blend the colour in through it: the same anti-aliasing, several times faster.
         px0, py0 = max(0, int(x0) // ss), max(0, int(y0) // ss)

@@ -14,13 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.datastructures import UploadFile
 
 from kleinbild.images import InputError
-from kleinbild.masking import alpha_mask
+from kleinbild.masking import alpha_mask, has_alpha
 from kleinbild.request import MAX_SEED
 from kleinbild.serve.settings import ServerSettings
 from kleinbild.serve.worker import SUCCEEDED, Delivery, Job
@@ -308,8 +309,14 @@ def decode_image(data: bytes, index: int, settings: ServerSettings) -> Image.Ima
 
 
 def decode_mask(data: bytes, settings: ServerSettings) -> Image.Image:
-    """OpenAI's mask: a PNG whose fully transparent pixels mark where to edit; an opaque one is white = edit."""
-    return alpha_mask(_open_image(data, "the mask", "mask", settings))
+    """OpenAI's mask: a PNG whose fully transparent pixels mark where to edit; one without alpha is white = edit."""
+    img = _open_image(data, "the mask", "mask", settings)
+    mask = alpha_mask(img)
+    if has_alpha(img) and not np.asarray(mask).any():
+        raise _bad("the mask has an alpha channel but no transparent pixel: its transparent pixels mark where to "
+                   "edit (OpenAI's rule); make that area transparent, or send a mask without alpha (white = edit)",
+                   "mask", "invalid_mask")
+    return mask
 
 
 def _open_image(data: bytes, what: str, param: str, settings: ServerSettings) -> Image.Image:
