@@ -54,6 +54,13 @@ def test_masked_edit_keeps_the_rest_and_its_png_makes_it_again(model_dir, tmp_pa
     Image.fromarray(255 - m).save(mask)
     assert main(["generate", "--from", str(out), "-o", str(tmp_path / "other.png"), "-q"]) == 0
     assert "mask differs" in capsys.readouterr().err
+    # The same mask in OpenAI's form (transparent = repaint): the same image.
+    rgba = np.zeros((64, 80, 4), np.uint8)
+    rgba[..., 3] = 255 - m
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "openai.png")
+    assert main(["generate", "--from", str(out), "--mask", str(tmp_path / "openai.png"), "-o",
+                 str(tmp_path / "alpha.png"), "-q"]) == 0
+    assert (rgb(tmp_path / "alpha.png") == got).all()
     mask.unlink()
     assert main(["generate", "--from", str(out), "-o", str(tmp_path / "lost.png"), "-q"]) == 2
     assert "mask.png" in capsys.readouterr().err

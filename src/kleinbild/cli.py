@@ -113,7 +113,8 @@ def _generate_parser(sub: Any) -> None:
                    "(its prompt, seed, size, references and model); flags given beside it win")
     g.add_argument("--image", "-i", action="append", default=[], help="reference image (repeat for several); "
                    "with --mask, --strength or --expand the first is the image edited")
-    g.add_argument("--mask", help="mask of the first image's size: white = repaint, black = keep")
+    g.add_argument("--mask", help="mask of the first image's size: white = repaint, black = keep; a PNG with "
+                   "transparency is read as OpenAI's masks are: transparent = repaint")
     g.add_argument("--strength", type=float, help="(0, 1]: how far from the source sampling starts (1: pure noise; "
                    "without --mask, image-to-image)")
     g.add_argument("--mask-crop", type=int, metavar="PAD", help="edit a crop around the mask, padded by PAD pixels, "
@@ -341,7 +342,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Checked against the model's preset before its weights are read: a bad size or image fails at once.
     req = validate(files.preset, args.prompt, args.image or None, width=args.width, height=args.height,
                    steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
-                   num_images=args.num_images, mask=args.mask, strength=args.strength, mask_crop=args.mask_crop,
+                   num_images=args.num_images, mask=_mask(args.mask), strength=args.strength, mask_crop=args.mask_crop,
                    expand=args.expand, keep_unmasked=args.keep_unmasked)
     t0 = time.perf_counter()
     pipe = KleinPipeline.from_located(files, options, source=str(args.model))
@@ -352,6 +353,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = pipe.run([req], _progress(args.quiet))[0]
     _report(pipe, result, paths, args)
     return 0
+
+
+def _mask(path: str | None) -> Any:
+    """The mask file, by OpenAI's rule when it has an alpha channel (transparent = repaint), else as the engine reads
+    it (white = repaint)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from kleinbild.masking import alpha_mask, has_alpha
+
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as img:
+            return alpha_mask(img) if has_alpha(img) else path
+    except (OSError, UnidentifiedImageError):
+        return path  # missing or unreadable: the engine's error says which
 
 
 def _report(pipe: KleinPipeline, result: GenerationResult, paths: list[Path], args: argparse.Namespace) -> None:
