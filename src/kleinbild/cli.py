@@ -200,6 +200,23 @@ def _serve_parser(sub: Any) -> None:
     v.add_argument("--cache-size", type=_int_at_least(0, "cache size"), default=32,
                    help="prompt embeddings and reference latents kept, each (0: no caching)")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _replica_flags(v.add_argument_group("replicas on Ray Serve (pip install 'kleinbild[ray]'; docs/scale-out.md)"))
+
+
+def _replica_flags(r: Any) -> None:
+    r.add_argument("--replicas", type=_positive_int, help="run the model in N Ray Serve replicas behind this "
+                   "server (with --max-replicas: the count to start with)")
+    r.add_argument("--ray-address", help="join this Ray cluster (e.g. ray://head:10001 or auto); default: start "
+                   "a local Ray, stopped with the server")
+    r.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica reserves (default 0)")
+    r.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves, also its "
+                   "torch threads on a CPU (default 1)")
+    r.add_argument("--min-replicas", type=_positive_int, help="autoscaling: fewest replicas (with --max-replicas)")
+    r.add_argument("--max-replicas", type=_positive_int, help="autoscaling: most replicas")
+    r.add_argument("--target-ongoing", type=float, default=2.0, help="autoscaling: requests in flight per "
+                   "replica to aim for (default 2)")
+    r.add_argument("--max-retries", type=_int_at_least(0, "retries"), default=3, help="times a job runs again "
+                   "when its replica is lost (default 3)")
 
 
 def _quantize_parser(sub: Any) -> None:
@@ -470,7 +487,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     logging.getLogger("kleinbild").setLevel(args.log_level.upper())
     return serve(args.model, host=args.host, port=args.port, settings=settings, load_options=load_options(args),
-                 log_level=args.log_level)
+                 log_level=args.log_level, replicas=_replica_options(args))
+
+
+def _replica_options(args: argparse.Namespace) -> Any:
+    """None (serve in this process) unless a replica flag is given."""
+    from kleinbild.serve.settings import ReplicaOptions
+
+    if args.replicas is None and args.max_replicas is None and args.min_replicas is None:
+        if args.ray_address:
+            raise ValueError("--ray-address needs --replicas N (or --max-replicas): how many replicas to run")
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # not ray.serve: finding a submodule imports ray, too early
+        raise ValueError("--replicas runs on Ray Serve, which is not installed: pip install 'kleinbild[ray]'")
+    return ReplicaOptions(replicas=args.replicas or args.min_replicas or 1, min_replicas=args.min_replicas,
+                          max_replicas=args.max_replicas, target_ongoing=args.target_ongoing,
+                          cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
+                          ray_address=args.ray_address, max_retries=args.max_retries)
 
 
 def _allowed_hosts(host: str, given: list[str]) -> tuple[str, ...]:

@@ -27,7 +27,7 @@ from kleinbild.serve.metrics import Metrics
 from kleinbild.serve.middleware import Guard, Observe
 from kleinbild.serve.protocol import ApiError, _bad
 from kleinbild.serve.routes import Service, add_routes
-from kleinbild.serve.settings import ServerSettings
+from kleinbild.serve.settings import ReplicaOptions, ServerSettings
 from kleinbild.serve.store import OutputStore
 from kleinbild.serve.worker import Worker, WorkerLimits
 
@@ -58,26 +58,39 @@ def create_app(
     settings: ServerSettings | None = None,
     load_options: LoadOptions | None = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
+    replicas: ReplicaOptions | None = None,
 ) -> FastAPI:
-    """The ASGI app: serve `pipeline` (ready at once), or load `model` in the background (/health: loading)."""
+    """The ASGI app: serve `pipeline` (ready at once), or load `model` in the background (/health: loading), in
+    this process or, with `replicas`, on Ray Serve replicas (`serve.replicas`)."""
     if (pipeline is None) == (model is None):
         raise ValueError("give exactly one of pipeline (already loaded) or model (to load)")
+    if replicas is not None and model is None:
+        raise ValueError("replicas load the model themselves: give model (a name or path), not a pipeline")
     settings = settings or ServerSettings()
     metrics = Metrics()
     for name, text in _METRICS:
         metrics.describe(name, text)
     store = OutputStore(settings.output_dir, settings.ttl)
-    worker = Worker(WorkerLimits(max_queue=settings.max_queue, max_batch=settings.max_batch,
-                                 preview_every=settings.preview_every, preview_px=settings.preview_px,
-                                 ttl=settings.ttl), store, metrics)
+    limits = WorkerLimits(max_queue=settings.max_queue, max_batch=settings.max_batch,
+                          preview_every=settings.preview_every, preview_px=settings.preview_px, ttl=settings.ttl)
+    if replicas is None:
+        worker = Worker(limits, store, metrics)
+    else:
+        from kleinbild.serve.replicas import ReplicaWorker
+
+        worker = ReplicaWorker(limits, store, metrics, replicas.max_retries)
     service = Service(worker, store, metrics, settings, model)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         worker.start(loop)
+        cluster = None
         if pipeline is not None:
             service.attach(pipeline)
+        elif replicas is not None:
+            assert model is not None
+            cluster = _deploy_replicas(service, loop, model, load_options, replicas, on_load_failure)
         else:
             assert model is not None
             _load_in_background(service, loop, model, load_options, on_load_failure)
@@ -88,6 +101,8 @@ def create_app(
             purger.cancel()
             worker.stop()
             await asyncio.to_thread(worker.join)
+            if cluster is not None:
+                await asyncio.to_thread(cluster.stop)
             store.close()
 
     app = FastAPI(title="kleinbild", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -121,6 +136,19 @@ def _load_in_background(service: Service, loop: asyncio.AbstractEventLoop, model
         loop.call_soon_threadsafe(service.attach, pipe)
 
     threading.Thread(target=load, name="kleinbild-load", daemon=True).start()
+
+
+def _deploy_replicas(service: Service, loop: asyncio.AbstractEventLoop, model: str, options: LoadOptions | None,
+                     replicas: ReplicaOptions, on_failure: Callable[[BaseException], None] | None) -> Any:
+    """The front validates with the model's preset (its files are located, not loaded); the replicas load it."""
+    from kleinbild.loading import LoadOptions, locate_with
+    from kleinbild.serve.replicas import Cluster, FrontModel
+
+    options = options or LoadOptions()
+    service.attach(FrontModel(locate_with(model, options).preset, model))  # type: ignore[arg-type]
+    cluster = Cluster(replicas)
+    cluster.start(service.worker, loop, model, options, service.settings, on_failure)  # type: ignore[arg-type]
+    return cluster
 
 
 async def _purge_every(worker: Worker, seconds: float) -> None:
@@ -162,7 +190,8 @@ def api_keys_from_env() -> list[str]:
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None,
-          load_options: LoadOptions | None = None, log_level: str = "info") -> int:
+          load_options: LoadOptions | None = None, log_level: str = "info",
+          replicas: ReplicaOptions | None = None) -> int:
     """Run the server until interrupted; 1 if the model failed to load.
 
     What can fail at once fails before anything starts, as one error: a model that is not there (its files are
@@ -181,7 +210,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, settings: Se
         if "server" in holder:
             holder["server"].should_exit = True
 
-    app = create_app(model=model, settings=settings, load_options=load_options, on_load_failure=give_up)
+    app = create_app(model=model, settings=settings, load_options=load_options, on_load_failure=give_up,
+                     replicas=replicas)
     keep_alive = (settings or ServerSettings()).keep_alive_timeout
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
                             server_header=False, timeout_keep_alive=max(1, round(keep_alive)))

@@ -472,6 +472,7 @@ def images_response(job: Job, base_url: str) -> dict[str, Any]:
             "timings": st.get("timings", {}),
             "cache": st.get("cache", {}),
             "notes": st.get("notes", []),
+            **({"replica": st["replica"]} if "replica" in st else {}),
             **({"edit": {k: st[k] for k in _EDIT_KEYS if k in st}} if "strength" in st else {}),
         },
     }

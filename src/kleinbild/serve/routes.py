@@ -184,6 +184,9 @@ class Service:
                 "uptime_seconds": round(time.time() - self.started, 1), "version": __version__}
         if w.load_error:
             body["error"] = w.load_error
+        replicas = w.replica_list()
+        if replicas is not None:
+            body["replicas"] = replicas
         return JSONResponse(body, status_code=200 if w.status == "ready" else 503)
 
     async def prometheus(self) -> Response:
@@ -200,6 +203,12 @@ class Service:
             "kleinbild_jobs_stored": ("jobs kept for GET /v1/jobs/{id}", {(): float(len(w.jobs))}),
             "kleinbild_output_files": ("url results on disk", {(): float(len(self.store))}),
         }
+        replicas = w.replica_list()
+        if replicas is not None:
+            states: dict[tuple, float] = {}
+            for r in replicas:
+                states[(("state", r["state"]),)] = states.get((("state", r["state"]),), 0.0) + 1
+            gauges["kleinbild_replicas"] = ("Ray Serve replicas by state", states)
         counters: dict[str, tuple[str, dict[tuple, float]]] = {}
         if pipe is not None:
             stats = pipe.cache_stats()

@@ -46,3 +46,31 @@ class ServerSettings:
             raise ValueError("an API key is empty (an unset variable on the command line?); give non-empty keys "
                              "or none")
 
+
+
+@dataclass(frozen=True)
+class ReplicaOptions:
+    """Serving on Ray Serve replicas (`kleinbild serve --replicas N`); see docs/scale-out.md."""
+
+    replicas: int = 1  # fixed count; with max_replicas: the count to start with
+    min_replicas: int | None = None  # autoscaling bounds (both, or max alone with min 1)
+    max_replicas: int | None = None
+    target_ongoing: float = 2.0  # autoscaling's target of ongoing requests per replica
+    cpus_per_replica: float = 1.0  # also the torch threads of a CPU replica
+    gpus_per_replica: float = 0.0
+    ray_address: str | None = None  # join this cluster; None: start a local Ray, stopped with the server
+    num_cpus: int | None = None  # a local Ray's CPUs (None: the machine's)
+    num_gpus: int | None = None
+    max_retries: int = 3  # runs of a job after the first when its replica is lost
+    log_to_driver: bool = True
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+        lo, hi = self.min_replicas, self.max_replicas
+        if lo is not None and hi is None:
+            raise ValueError("--min-replicas needs --max-replicas (autoscaling bounds)")
+        if hi is not None and not 1 <= (lo or 1) <= hi:
+            raise ValueError(f"autoscaling bounds must satisfy 1 <= min <= max, got min {lo}, max {hi}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be 0 or more, got {self.max_retries}")

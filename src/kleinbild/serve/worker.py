@@ -242,6 +242,10 @@ class Worker:
         self._finish(job, CANCELLED, None)
         return True
 
+    def replica_list(self) -> list[dict[str, Any]] | None:
+        """The replicas serving the jobs (Ray Serve); None for this in-process worker."""
+        return None
+
     def purge(self) -> None:
         """Forget finished jobs past their TTL (or past the count bound, oldest first) and expired files."""
         now = time.time()
