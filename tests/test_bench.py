@@ -100,3 +100,16 @@ def test_bench_loads_a_prequantized_transformer(tmp_path, capsys):
     assert res["prequantized"] and res["quant"] == "int8"
     assert res["quant_layers"] > 0, "the timed run did not use quantized layers"
     assert list(tmp_path.rglob("transformer-int8.safetensors")), "the quantized file was not written"
+
+
+def test_serve_benchmark_prints_every_configuration(capsys):
+    """`kleinbild bench --serve` end to end on the bundled model, at its smallest: one round of two requests."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'kleinbild[ray]')")
+    assert main(["bench", "--serve", "--requests", "2", "--concurrency", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(out[-1])
+    assert set(res["results"]) == {"in-process", "1 replica", "2 replicas"}
+    for r in res["results"].values():
+        assert r["images_per_s"] > 0 and 0 < r["latency_median_s"] <= r["latency_p90_s"]
+    assert res["cpu"] and "2 replicas / 1 throughput" in res["ratios"]
+    assert any(line.startswith("in-process") for line in out)

@@ -149,6 +149,11 @@ def _bench_parser(sub: Any) -> None:
     b.add_argument("--cache-dir", help="where random checkpoints are written (default ~/.cache/kleinbild)")
     add_runtime_flags(b, offload="model")
     b.set_defaults(dtype="bfloat16", device="cpu")
+    b.add_argument("--serve", action="store_true", help="measure the HTTP server instead: in-process vs 1 and 2 "
+                   "Ray Serve replicas, the same load (needs kleinbild[ray])")
+    b.add_argument("--serve-model", default="nano", help="--serve: the model served (default nano)")
+    b.add_argument("--requests", type=_positive_int, default=40, help="--serve: requests per configuration")
+    b.add_argument("--concurrency", type=_positive_int, default=4, help="--serve: client threads")
     b.add_argument("--prequantized", action="store_true", help="with --quant: write the quantized transformer once "
                    "(as `kleinbild quantize` does; not timed) and load it, instead of quantizing on every load")
 
@@ -418,6 +423,15 @@ def _report(pipe: KleinPipeline, result: GenerationResult, paths: list[Path], ar
 def cmd_bench(args: argparse.Namespace) -> int:
     from kleinbild.bench import cpu as bench
 
+    if args.serve:
+        from kleinbild.bench import serve as bench_serve
+
+        res = bench_serve.run(args.serve_model, requests=args.requests, concurrency=args.concurrency,
+                              threads=args.threads or 1, rounds=args.repeats,
+                              say=lambda m: print(m, file=sys.stderr, flush=True))
+        print(bench_serve.format_table(res))
+        print(json.dumps(res))
+        return 0
     if not args.random_weights:
         raise ValueError("kleinbild bench measures random full-size weights for now: pass --random-weights")
     if args.device != "cpu":

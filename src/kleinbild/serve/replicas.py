@@ -334,13 +334,11 @@ class Cluster:
         if not ray.is_initialized():
             return
         try:
-            serve.delete(APP_NAME)
+            serve.delete(APP_NAME)  # its replicas stop; a joined cluster keeps running
             if self.registry is not None:
                 ray.kill(self.registry)
-            if self.started_ray:
-                serve.shutdown()
         finally:
-            if self.started_ray:
+            if self.started_ray:  # Serve's controller goes with the local Ray
                 ray.shutdown()
 
 
