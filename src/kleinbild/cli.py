@@ -211,7 +211,7 @@ def _serve_parser(sub: Any) -> None:
 def _replica_flags(r: Any) -> None:
     r.add_argument("--replicas", type=_positive_int, help="run the model in N Ray Serve replicas behind this "
                    "server (with --max-replicas: the count to start with)")
-    r.add_argument("--ray-address", help="join this Ray cluster (e.g. ray://head:10001 or auto); default: start "
+    r.add_argument("--ray-address", help="join this Ray cluster (auto: the one this node is part of); default: start "
                    "a local Ray, stopped with the server")
     r.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica reserves (default 0)")
     r.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves, also its "
