@@ -171,8 +171,10 @@ class ReplicaWorker(Worker):
             self._streams[job.id] = stream
             try:
                 again = await self._consume(job, stream)
-            except TaskCancelledError:  # we cancelled it (a DELETE, a gone client, shutdown)
-                return
+            except TaskCancelledError as e:
+                if job.terminal:  # we cancelled it (a DELETE, a gone client, shutdown): answered already
+                    return
+                again = f"the replica's call was cancelled ({type(e).__name__}), e.g. the replica was scaled down"
             except RayTaskError as e:  # the call itself raised: the job's own failure, not the replica's
                 log.exception("job %s failed on a replica", job.id)
                 self._fail(job, JobError(500, f"the replica failed the job: {e.cause or e}"[:2000],

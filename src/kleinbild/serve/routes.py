@@ -196,7 +196,8 @@ class Service:
         """The gauges and counters read at scrape time (the rest the metrics object holds itself)."""
         w, pipe = self.worker, self.worker.pipe
         gauges: dict[str, tuple[str, dict[tuple, float]]] = {
-            "kleinbild_model_ready": ("1 when the model is loaded", {(): 1.0 if pipe is not None else 0.0}),
+            "kleinbild_model_ready": ("1 when the model is loaded (with replicas: one is ready)",
+                                      {(): 1.0 if pipe is not None and w.status == "ready" else 0.0}),
             "kleinbild_queue_depth": ("jobs waiting", {(): float(w.queue_depth)}),
             "kleinbild_queue_capacity": ("most jobs that may wait", {(): float(self.settings.max_queue)}),
             "kleinbild_running_images": ("images in the running batch", {(): float(w.running)}),
