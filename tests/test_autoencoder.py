@@ -15,10 +15,12 @@ from kleinbild.convert import vae_from_diffusers
 ATOL = 1e-5
 KEYS_FILE = Path(__file__).parent / "data" / "keys-bfl-ae.txt"
 
-# Two small configurations: (block_out_channels, layers_per_block, latent_channels, norm_num_groups).
+# Small configurations: (block_out_channels, layers_per_block, latent_channels, norm_num_groups,
+# decoder_block_out_channels); the last is the shape of BFL's small decoder (a narrower decoder).
 CONFIGS = {
-    "2-levels": ((32, 64), 1, 8, 8),
-    "3-levels": ((16, 32, 32), 2, 4, 8),
+    "2-levels": ((32, 64), 1, 8, 8, None),
+    "3-levels": ((16, 32, 32), 2, 4, 8, None),
+    "small-decoder": ((32, 64, 64), 1, 8, 8, (16, 32, 32)),
 }
 
 
@@ -54,6 +56,25 @@ def test_full_size_parameter_count() -> None:
     assert params + buffers == 84_046_372
 
 
+def test_small_decoder_inferred_from_its_tensors() -> None:
+    """BFL's full_encoder_small_decoder: the standard encoder, a decoder of base width 96 (diffusers' config:
+    decoder_block_out_channels [96, 192, 384, 384]), about 28M decoder parameters against 50M."""
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        small = AutoEncoder(AEConfig(decoder_ch=96))
+        full = AutoEncoder(AEConfig())
+        ref = diffusers.AutoencoderKLFlux2(decoder_block_out_channels=(96, 192, 384, 384))
+    shapes = {k: tuple(t.shape) for k, t in small.state_dict().items()}
+    assert AEConfig.from_state_dict_shapes(shapes) == AEConfig(decoder_ch=96)
+    assert AEConfig.from_diffusers(ref.config) == AEConfig(decoder_ch=96)
+    assert shapes["decoder.conv_in.weight"] == (384, 32, 3, 3)
+    assert shapes["decoder.conv_out.weight"] == (3, 96, 3, 3)
+    converted = {k: tuple(t.shape) for k, t in vae_from_diffusers(ref.state_dict()).items()}
+    assert converted == shapes
+    count = {n: sum(p.numel() for p in m.decoder.parameters()) for n, m in (("small", small), ("full", full))}
+    assert 27e6 < count["small"] < 29e6 and 49e6 < count["full"] < 51e6
+
+
 def test_full_size_diffusers_layout_loads() -> None:
     diffusers = pytest.importorskip("diffusers")
     with torch.device("meta"):
@@ -85,10 +106,11 @@ def _randomise(vae: torch.nn.Module, seed: int) -> None:
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def pair(request: pytest.FixtureRequest):
     diffusers = pytest.importorskip("diffusers")
-    chans, layers, z, groups = CONFIGS[request.param]
+    chans, layers, z, groups, dec = CONFIGS[request.param]
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKLFlux2(
         block_out_channels=chans,
+        decoder_block_out_channels=dec,
         down_block_types=("DownEncoderBlock2D",) * len(chans),
         up_block_types=("UpDecoderBlock2D",) * len(chans),
         layers_per_block=layers,

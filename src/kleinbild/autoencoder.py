@@ -211,7 +211,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: AEConfig):
         super().__init__()
-        widths = [cfg.ch * m for m in cfg.ch_mult]
+        widths = [(cfg.decoder_ch or cfg.ch) * m for m in cfg.ch_mult]
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
         self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
         self.mid = MidBlock(cfg, widths[-1])

@@ -82,11 +82,13 @@ class DiTConfig:
 
 @dataclass(frozen=True)
 class AEConfig:
-    """The autoencoder. The decoder has one more resnet per level than the encoder."""
+    """The autoencoder. The decoder has one more resnet per level than the encoder; `decoder_ch` (None: `ch`) is
+    the decoder's base width, 96 in BFL's small decoder (`full_encoder_small_decoder.safetensors`)."""
 
     in_channels: int = 3
     out_channels: int = 3
     ch: int = 128
+    decoder_ch: int | None = None
     ch_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     z_channels: int = 32
@@ -109,14 +111,15 @@ class AEConfig:
         base = chans[0]
         if any(c % base for c in chans):
             raise ValueError(f"block_out_channels {chans} are not multiples of the first")
-        dec = cfg.get("decoder_block_out_channels")
-        if dec is not None and [int(c) for c in dec] != chans:
-            raise ValueError("a decoder with other channels than the encoder is not supported")
+        dec = [int(c) for c in cfg.get("decoder_block_out_channels") or chans]
+        if any(d % dec[0] for d in dec) or [d // dec[0] for d in dec] != [c // base for c in chans]:
+            raise ValueError(f"decoder_block_out_channels {dec} do not scale block_out_channels {chans}")
         patch = cfg.get("patch_size", (2, 2))
         return cls(
             in_channels=int(cfg.get("in_channels", 3)),
             out_channels=int(cfg.get("out_channels", 3)),
             ch=base,
+            decoder_ch=None if dec[0] == base else dec[0],
             ch_mult=tuple(c // base for c in chans),
             num_res_blocks=int(cfg.get("layers_per_block", 2)),
             z_channels=int(cfg.get("latent_channels", 32)),
@@ -141,10 +144,12 @@ class AEConfig:
         levels = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down."))
         mult = tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels))
         blocks = 1 + max(int(k.split(".")[4]) for k in shapes if k.startswith("encoder.down.0.block."))
+        dec = shapes["decoder.conv_in.weight"][0] // mult[-1] if "decoder.conv_in.weight" in shapes else ch
         return cls(
             in_channels=in_channels,
             out_channels=out_channels,
             ch=ch,
+            decoder_ch=None if dec == ch else dec,
             ch_mult=mult,
             num_res_blocks=blocks,
             z_channels=z,
