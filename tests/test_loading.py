@@ -191,7 +191,7 @@ def test_paths_that_hold_no_model(tmp_path):
     with pytest.raises(ValueError, match="not a folder, a file, a preset"):
         KleinPipeline.from_pretrained("no-such-model", **KW)
     (tmp_path / "notes.txt").write_text("hi")
-    with pytest.raises(ValueError, match="not a .safetensors file"):
+    with pytest.raises(ValueError, match="neither a .safetensors nor a .gguf file"):
         KleinPipeline.from_pretrained(tmp_path / "notes.txt", **KW)
 
 

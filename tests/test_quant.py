@@ -186,7 +186,7 @@ def test_quantized_matmul_error_within_the_format(fmt, bound):
     for native in (True, False):
         quant.set_native(fmt, native)
         try:
-            err = quant.relative_error(layer(x), ref)
+            err = quantize.relative_error(layer(x), ref)
         finally:
             quant.set_native(fmt, True)
         # E4M3 keeps 3 mantissa bits (~2.7% rms), per-row int8 ~0.7% (1% with int8 activations), NVFP4 ~9.5%.
@@ -300,7 +300,7 @@ def test_cli_quantize_and_report(tmp_path):
 
 
 def test_matmul_report_runs_small():
-    res = quant.matmul_report(n=256, k=128, m=16, repeats=1)
+    res = quantize.matmul_report(n=256, k=128, m=16, repeats=1)
     assert set(res) >= {"bf16", "fp8", "nvfp4", "int8"}
     assert res["int8"]["matmul_error"] < res["fp8"]["matmul_error"] < res["nvfp4"]["matmul_error"]
     assert res["nvfp4"]["bytes"] < res["fp8"]["bytes"] < res["bf16"]["bytes"]
@@ -318,7 +318,7 @@ def test_just_in_time_path_is_the_dequantized_matmul():
             torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
             for dt in (torch.bfloat16, torch.float16):
                 got = layer(x.to(dt))
-                assert got.dtype == dt and quant.relative_error(got.float(), want) < 1e-2, (fmt, dt)
+                assert got.dtype == dt and quantize.relative_error(got.float(), want) < 1e-2, (fmt, dt)
         finally:
             quant.set_native(fmt, True)
 

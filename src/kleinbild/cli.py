@@ -528,10 +528,10 @@ def _allowed_hosts(host: str, given: list[str]) -> tuple[str, ...]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from kleinbild import quant, quantize
+    from kleinbild import quantize
 
     if args.matmul:
-        print(json.dumps(quant.matmul_report()))
+        print(json.dumps(quantize.matmul_report()))
         return 0
     if not args.model:
         raise ValueError("give the model to quantize: kleinbild quantize MODEL [OUT] --format fp8|nvfp4|int8")

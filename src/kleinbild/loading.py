@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kleinbild import gguf_file
 from kleinbild.config import PRESETS, AEConfig, DiTConfig, ModelPreset, TextEncoderConfig, get_preset
 from kleinbild.convert import dit_from_diffusers, is_diffusers_dit, is_diffusers_vae, vae_from_diffusers
 from kleinbild.files import (
@@ -31,6 +32,7 @@ from kleinbild.files import (
 from kleinbild.images import InputError
 from kleinbild.quant_file import logical_shapes
 from kleinbild.result import all_finite
+from kleinbild.tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,7 @@ class LoadOptions:
     device: str | torch.device | None = None
     dtype: str | torch.dtype | None = None
     quant: str | None = None
+    text_quant: str | None = None
     loras: tuple[str | tuple[str | Path, float], ...] = ()
     fuse_loras: bool = False
     offload_mode: str = "none"
@@ -203,11 +206,20 @@ class ModelFiles:
     text_files: list[Path]
     text_config: dict
     tokenizer_dir: Path
+    text_layout: str = "hf"  # "hf" (a Qwen3 folder or one .safetensors file) | "gguf"
 
 
-def _text_encoder_parts(path: Path) -> tuple[list[Path], dict, Path]:
-    """A Qwen3 folder (weights + tokenizer) or a diffusers folder with text_encoder/ and tokenizer/."""
+def _text_encoder_parts(path: Path) -> tuple[list[Path], dict, Path, str]:
+    """A Qwen3 folder (weights + tokenizer), a diffusers folder with text_encoder/ and tokenizer/, a llama.cpp GGUF
+    (which holds its tokenizer), or one .safetensors file (ComfyUI's text encoders) with a tokenizer beside it."""
     path = Path(path)
+    if path.is_file() and gguf_file.is_gguf(path):
+        try:
+            return [path], gguf_file.text_config(path), path, "gguf"
+        except ValueError as e:
+            raise ModelNotFoundError(str(e)) from None
+    if path.is_file():
+        return [path], _single_text_config(path), _beside_tokenizer(path), "hf"
     if (path / "text_encoder").is_dir():
         te, tok = path / "text_encoder", path / "tokenizer"
     elif (path / "config.json").is_file():
@@ -219,7 +231,33 @@ def _text_encoder_parts(path: Path) -> tuple[list[Path], dict, Path]:
         )
     if not (tok / "tokenizer.json").is_file():
         raise ModelNotFoundError(f"no tokenizer.json in {tok}; the text encoder folder must hold its tokenizer")
-    return safetensors_files(te, "model"), _read_json(te / "config.json"), tok
+    return safetensors_files(te, "model"), _read_json(te / "config.json"), tok, "hf"
+
+
+def _beside_tokenizer(path: Path) -> Path:
+    for folder in (path.parent, path.parent / "tokenizer", path.with_suffix("")):
+        if (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file():
+            return folder
+    raise ModelNotFoundError(
+        f"{path} is a single-file text encoder, which holds no tokenizer: put the model's tokenizer.json and "
+        f"tokenizer_config.json beside it (or in {path.parent / 'tokenizer'}), or pass the Qwen3 folder or a GGUF"
+    )
+
+
+def _single_text_config(path: Path) -> dict:
+    """A Qwen3 config read off one file's tensor shapes (eps and rope theta are Qwen3's own; they do not show)."""
+    shapes = {_hf_text_key(k): v for k, v in logical_shapes([path]).items()}
+    try:
+        vocab, hidden = shapes["model.embed_tokens.weight"]
+        layer = "model.layers.0."
+        head_dim = shapes[layer + "self_attn.q_norm.weight"][0]
+        layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("model.layers."))
+        return {"vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers, "head_dim": head_dim,
+                "num_attention_heads": shapes[layer + "self_attn.q_proj.weight"][0] // head_dim,
+                "num_key_value_heads": shapes[layer + "self_attn.k_proj.weight"][0] // head_dim,
+                "intermediate_size": shapes[layer + "mlp.gate_proj.weight"][0]}
+    except (KeyError, ValueError) as e:
+        raise ModelNotFoundError(f"{path} is not a Qwen3 text encoder file (no tensor {e})") from None
 
 
 def _ae_parts(path: Path) -> tuple[list[Path], str]:
@@ -273,7 +311,7 @@ def diffusers_files(
     dit_cfg = _config(DiTConfig.from_diffusers, root / "transformer" / "config.json", "transformer")
     template = _behaviour(klass, bool(index.get("is_distilled", False)), dit_cfg.hidden_size)
     ae_cfg = _config(AEConfig.from_diffusers, root / "vae" / "config.json", "autoencoder")
-    text_files, text_cfg, tok = _text_encoder_parts(root)
+    text_files, text_cfg, tok, text_layout = _text_encoder_parts(root)
     text = _text_config(text_cfg, text_files[0].parent / "config.json", template, text_layers, max_text_length)
     return ModelFiles(
         preset=_with_configs(template, dit_cfg, ae_cfg, text),
@@ -284,6 +322,7 @@ def diffusers_files(
         text_files=text_files,
         text_config=text_cfg,
         tokenizer_dir=tok,
+        text_layout=text_layout,
     )
 
 
@@ -296,7 +335,8 @@ def single_file_files(
     max_text_length: int | None = None,
 ) -> ModelFiles:
     # Quantized files: scales dropped and packed weights at full width, so the architecture reads the same.
-    shapes = logical_shapes([dit_path])
+    gguf = gguf_file.is_gguf(dit_path)
+    shapes = _gguf_dit_shapes(dit_path) if gguf else logical_shapes([dit_path])
     if is_diffusers_dit(set(shapes)):
         raise ModelNotFoundError(
             f"{dit_path} uses diffusers tensor names; pass the whole diffusers folder (with model_index.json)"
@@ -305,8 +345,9 @@ def single_file_files(
     if preset is not None:
         template = get_preset(preset)
     else:
-        # A quantized build keeps the official name plus a suffix (flux-2-klein-base-4b-fp8.safetensors).
-        plain = re.sub(r"[-_.](fp8|nvfp4|int8)(?=\.safetensors$)", "", dit_path.name)
+        # A quantized build keeps the official name plus a suffix (flux-2-klein-base-4b-fp8.safetensors,
+        # flux-2-klein-4b-Q4_K_M.gguf).
+        plain = re.sub(_QUANT_SUFFIX, "", dit_path.stem, flags=re.IGNORECASE) + ".safetensors"
         by_file = [p for p in PRESETS.values() if p.dit_file in (dit_path.name, plain)]
         template = by_file[0] if by_file else _behaviour("", True, dit_cfg.hidden_size)
         if not by_file:
@@ -326,18 +367,31 @@ def single_file_files(
     else:
         ae_cfg = _from_shapes(lambda s: AEConfig.from_state_dict_shapes(s, template.ae.norm_groups),
                               read_shapes(ae_files), ae_files[0], "FLUX.2 autoencoder")
-    text_files, text_cfg, tok = _text_encoder_parts(text_encoder)
-    text = _text_config(text_cfg, text_files[0].parent / "config.json", template, text_layers, max_text_length)
+    text_files, text_cfg, tok, text_layout = _text_encoder_parts(text_encoder)
+    where = text_files[0].parent / "config.json" if Path(text_encoder).is_dir() else text_files[0]
+    text = _text_config(text_cfg, where, template, text_layers, max_text_length)
     return ModelFiles(
         preset=_with_configs(template, dit_cfg, ae_cfg, text),
         dit_files=[dit_path],
-        dit_layout="bfl",
+        dit_layout="gguf" if gguf else "bfl",
         ae_files=ae_files,
         ae_layout=ae_layout,
         text_files=text_files,
         text_config=text_cfg,
         tokenizer_dir=tok,
+        text_layout=text_layout,
     )
+
+
+_QUANT_SUFFIX = r"[-_.](fp8|nvfp4|int8|f32|f16|bf16|q\d_k(_[sml])?|q\d_\d)$"
+
+
+def _gguf_dit_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        gguf_file.check_architecture(path, gguf_file.DIT_ARCHITECTURES, "FLUX.2 transformer")
+        return gguf_file.shapes(path, rename=strip_prefix)
+    except ValueError as e:
+        raise ModelNotFoundError(str(e)) from None
 
 
 def snapshot(repo_id: str) -> Path:
@@ -383,8 +437,8 @@ def locate(
             f"{str(p)!r} holds no model: expected model_index.json (diffusers layout) or a flux-2-klein-*.safetensors"
         )
     if p.is_file():
-        if p.suffix != ".safetensors":
-            raise ModelNotFoundError(f"{str(p)!r} is not a .safetensors file")
+        if p.suffix != ".safetensors" and not gguf_file.is_gguf(p):
+            raise ModelNotFoundError(f"{str(p)!r} is neither a .safetensors nor a .gguf file")
         return single_file_files(p, vae_p, te_p, preset, text_layers, max_text_length)
     text = str(model)
     known = {q.name: q for q in PRESETS.values()}
@@ -436,6 +490,8 @@ def where_is(preset: ModelPreset) -> Path | None:
 
 
 def dit_state(files: ModelFiles) -> dict[str, Tensor]:
+    if files.dit_layout == "gguf":
+        return gguf_file.as_state(gguf_file.tensors(files.dit_files[0], rename=strip_prefix))
     sd = read_tensors(files.dit_files, rename=strip_prefix if files.dit_layout == "bfl" else lambda k: k)
     if files.dit_layout != "diffusers":
         return sd
@@ -459,13 +515,26 @@ def _hf_text_key(k: str) -> str:
 
 
 def text_state(files: ModelFiles, wanted: Callable[[str], bool]) -> dict[str, Tensor]:
+    if files.text_layout == "gguf":
+        return gguf_file.text_state(files.text_files[0], wanted)
     return read_tensors(files.text_files, wanted=wanted, rename=_hf_text_key)
+
+
+def load_tokenizer(files: ModelFiles) -> PromptTokenizer:
+    if files.text_layout == "gguf":
+        from kleinbild.tokenizer_gguf import tokenizer_from_metadata
+
+        path = files.text_files[0]
+        return tokenizer_from_metadata(gguf_file.metadata(path), str(path))
+    return PromptTokenizer.from_dir(files.tokenizer_dir)
 
 
 def read_transformer(model: str | Path) -> dict[str, Tensor]:
     """The transformer of a model (a .safetensors file in official or diffusers naming, a diffusers folder, a preset
     or a repo id) as an official-named state dict, without loading anything else."""
     p = Path(model).expanduser()
+    if p.is_file() and gguf_file.is_gguf(p):
+        return gguf_file.as_state(gguf_file.tensors(p, rename=strip_prefix))
     if p.is_file():
         state = read_tensors([p], rename=strip_prefix)
         return dit_from_diffusers(state) if is_diffusers_dit(set(state)) else state

@@ -13,27 +13,16 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from kleinbild import lora, lora_host, masking, offload, sampling
+from kleinbild import components, lora, lora_host, masking, offload, sampling
 from kleinbild.autoencoder import AutoEncoder
 from kleinbild.cache import ContentCache, cached_latents, cached_prompts
 from kleinbild.config import ModelPreset
 from kleinbild.images import MAX_PIXELS, InputError, to_pil, to_tensor
-from kleinbild.loading import (
-    LoadOptions,
-    ModelFiles,
-    ae_state,
-    dit_state,
-    load_into,
-    locate_with,
-    pick_device,
-    pick_dtype,
-    text_state,
-)
+from kleinbild.loading import LoadOptions, ModelFiles, load_tokenizer, locate_with, pick_device, pick_dtype
 from kleinbild.masking import MaskInput
-from kleinbild.quant_file import prepare_quantized
 from kleinbild.request import ImageInput, Request, validate
 from kleinbild.result import GenerationCancelled, GenerationResult, NonFiniteError, check_finite
-from kleinbild.text_encoder import Qwen3TextEncoder, text_encoder_wanted_keys
+from kleinbild.text_encoder import Qwen3TextEncoder
 from kleinbild.tokenizer import PromptTokenizer
 from kleinbild.transformer import Flux2Transformer, KVCache
 
@@ -83,6 +72,8 @@ class KleinPipeline:
             if text_encoder is not None:
                 self._place_text_encoder(text_encoder)
         self.quant: str | None = None  # quantization format of the transformer's linear layers, if any
+        self.text_quant: str | None = None  # and of the text encoder's
+        self._text_quant_request: str | None = None  # what a reload (offload) quantizes to
         # Keyed by content, so an edit loop on the same image or prompt skips the encoders. Prompt embeddings
         # are (1, 512, 7680) for klein-4b, ~8 MB in bf16 each; reference latents are much smaller.
         self.prompt_cache = ContentCache(32)
@@ -113,7 +104,7 @@ class KleinPipeline:
         """Load what `locate_with` found (so a caller can check a request against `files.preset` first)."""
         o = options
         pipe = cls.from_files(files, device=o.device, dtype=o.dtype, source=source, quant=o.quant,
-                              offload_mode=o.offload_mode)
+                              offload_mode=o.offload_mode, text_quant=o.text_quant)
         for spec in o.loras:
             path, scale = lora.parse_spec(spec) if isinstance(spec, (str, Path)) else spec
             pipe.load_lora(path, scale)
@@ -133,31 +124,21 @@ class KleinPipeline:
         source: str = "",
         quant: str | None = None,
         offload_mode: str = "none",
+        text_quant: str | None = None,
     ) -> KleinPipeline:
         dev, dt = pick_device(device), pick_dtype(dtype)
-        p = files.preset
         t0 = time.perf_counter()
-        with torch.device("meta"):
-            dit = Flux2Transformer(p.dit)
-            ae = AutoEncoder(p.ae)
-            te = Qwen3TextEncoder(p.text)
         mode = offload.check_mode(offload_mode)
         # With offload, weights are assigned on the host (memory-mapped where the file allows) and visit the
-        # device per stage.
+        # device per stage. The text encoder is loaded now either way, so a bad one fails at load time; with
+        # offload it is dropped again (its pages were never touched) and read on first use.
         home = torch.device("cpu") if mode != "none" else dev
-        dit_sd = dit_state(files)
-        quant_used = prepare_quantized(dit, dit_sd, quant, home)
-        load_into(dit, dit_sd, f"transformer {files.dit_files[0]}", home, dt)
-        del dit_sd
-        load_into(ae, ae_state(files), f"autoencoder {files.ae_files[0]}", home, dt)
-        # Checked now, so a bad text encoder fails at load time; with offload it is dropped again (its pages
-        # were never touched) and read on first use.
-        te = _load_text_encoder(te, files, home, dt)
-        tok = PromptTokenizer.from_dir(files.tokenizer_dir)
-        log.info("loaded %s (%s) on %s/%s in %.1fs", source, p.name, dev, dt, time.perf_counter() - t0)
-        pipe = cls(p, dit, ae, None if mode != "none" else te, tok, dev, dt, source=source, files=files,
-                   offload_mode=mode)
-        pipe.quant = quant_used
+        nets = components.build(files, home, dt, quant, text_quant)
+        tok = load_tokenizer(files)
+        log.info("loaded %s (%s) on %s/%s in %.1fs", source, files.preset.name, dev, dt, time.perf_counter() - t0)
+        pipe = cls(files.preset, nets.transformer, nets.autoencoder, None if mode != "none" else nets.text_encoder,
+                   tok, dev, dt, source=source, files=files, offload_mode=mode)
+        pipe.quant, pipe.text_quant, pipe._text_quant_request = nets.quant, nets.text_quant, text_quant
         return pipe
 
     # ------------------------------------------------------------ memory modes
@@ -166,10 +147,9 @@ class KleinPipeline:
     def text_encoder(self) -> Qwen3TextEncoder:
         if self._text_encoder is None:
             assert self.files is not None
-            with torch.device("meta"):
-                te = Qwen3TextEncoder(self.preset.text)
             home = torch.device("cpu") if self.offload != "none" else self.device
-            self._text_encoder = _load_text_encoder(te, self.files, home, self.dtype)
+            te, _ = components.load_text_encoder(self.files, home, self.dtype, self._text_quant_request)
+            self._text_encoder = te
             self.text_encoder_loads += 1
             if self._parked:  # parking is on: an accelerator
                 self._place_text_encoder(te)
@@ -451,7 +431,7 @@ class KleinPipeline:
         timings["decode"] = time.perf_counter() - t0
         common = {
             "model": self.preset.name, "source": self.source, "dtype": str(self.dtype).removeprefix("torch."),
-            "quant": self.quant, "compiled": self.compiled, "device": str(self.device),
+            "quant": self.quant, "text_quant": self.text_quant, "compiled": self.compiled, "device": str(self.device),
             "loras": [{"name": x["name"], "source": x["source"], "scale": x["scale"]} for x in self.loras],
             "seconds": round(time.perf_counter() - t_start, 3),
             "timings": {k: round(v, 4) for k, v in timings.items()},
@@ -584,14 +564,6 @@ def _edit_start(reqs: list[Request], sources: list[Tensor], noise: Tensor, times
         return masking.reimpose(x, src, noise, mask, None if i == last else timesteps[i + 1])
 
     return x, after_step
-
-
-def _load_text_encoder(
-    te: Qwen3TextEncoder, files: ModelFiles, device: torch.device, dtype: torch.dtype
-) -> Qwen3TextEncoder:
-    state = text_state(files, text_encoder_wanted_keys(te.cfg))
-    load_into(te, state, f"text encoder {files.text_files[0]}", device, dtype)
-    return te
 
 
 __all__ = ["GenerationCancelled", "GenerationResult", "KleinPipeline", "NonFiniteError", "ProgressCallback"]

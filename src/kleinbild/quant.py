@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import re
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,10 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kleinbild.files import release_file_pages
+from kleinbild.ggml import GGML_TYPES
+from kleinbild.ggml import dequantize as ggml_dequantize
 
 log = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("fp8", "nvfp4", "int8")
+# GGUF's block formats, read from files and dequantized just in time (kleinbild does not write them).
+GGML_QUANTIZED = frozenset(GGML_TYPES) - {"F32", "F16", "BF16"}
 FP8_MAX = 448.0
 FP4_MAX = 6.0
 BLOCK = 16  # NVFP4 weights per block scale
@@ -157,6 +160,8 @@ class QuantWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         n, k = self.shape
+        if self.format in GGML_QUANTIZED:
+            return ggml_dequantize(self.data, self.format, self.shape, dtype)
         if self.format == "fp8":
             s = self.scale.float()
             w = self.data.float() * (s[:, None] if s.ndim == 1 else s)
@@ -292,7 +297,7 @@ class QuantLinear(nn.Module):
         codes, and e2m1 x fp8 block-scale products (at most 6 significant bits), are exact in bf16, so the only
         rounding is the matmul's own. fp16 could overflow without the scale, so it gets the scaled weight.
         """
-        if x.dtype not in (torch.bfloat16, torch.float32):
+        if x.dtype not in (torch.bfloat16, torch.float32) or self.format in GGML_QUANTIZED:
             return F.linear(x, self.dequantize(x.dtype))
         if self.format == "nvfp4":
             assert self.qblock is not None
@@ -379,6 +384,29 @@ class QuantLinear(nn.Module):
         return y * (xq.scale.float() * self.qscale.float())
 
 
+class QuantEmbedding(nn.Module):
+    """An embedding table kept quantized: a lookup dequantizes only the rows it reads, which every format allows
+    (per-row scales, blocks within a row, or one scale for the whole table). Returns float32; the caller casts."""
+
+    def __init__(self, qw: QuantWeight):
+        super().__init__()
+        self.format = qw.format
+        self.num_embeddings, self.embedding_dim = qw.shape
+        self.register_buffer("qdata", qw.data, persistent=False)
+        self.register_buffer("qscale", qw.scale, persistent=False)
+        self.register_buffer("qblock", qw.block_scale, persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.format}"
+
+    def forward(self, ids: Tensor) -> Tensor:
+        flat = ids.reshape(-1).to(self.qdata.device)
+        scale = self.qscale if self.qscale.ndim == 0 else self.qscale[flat]
+        block = None if self.qblock is None else self.qblock[flat]
+        rows = QuantWeight(self.format, (flat.numel(), self.embedding_dim), self.qdata[flat], scale, block)
+        return rows.dequantize(torch.float32).view(*ids.shape, self.embedding_dim)
+
+
 _BYTE_LUTS: dict[tuple[str, torch.dtype], Tensor] = {}
 
 
@@ -437,23 +465,29 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     (root.get_submodule(parent) if parent else root)._modules[leaf] = module
 
 
+def _layer_problem(model: nn.Module, name: str, qw: QuantWeight) -> str | None:
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        return f"{name}: no such layer in the model"
+    if isinstance(old, nn.Embedding):
+        shape = (old.num_embeddings, old.embedding_dim)
+    elif isinstance(old, nn.Linear) and old.bias is None:
+        shape = (old.out_features, old.in_features)
+    else:
+        return f"{name}: is a {type(old).__name__}, not a bias-free linear layer or an embedding"
+    return None if shape == qw.shape else f"{name}: quantized weight {qw.shape} vs model {shape}"
+
+
 def install(model: nn.Module, layers: Mapping[str, QuantWeight], device: torch.device | str) -> None:
-    """Replace each named nn.Linear of `model` (meta-built or real) by a QuantLinear holding its quantized weight."""
-    problems = []
-    for name, qw in layers.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            problems.append(f"{name}: no such layer in the model")
-            continue
-        if not isinstance(old, nn.Linear) or old.bias is not None:
-            problems.append(f"{name}: is a {type(old).__name__}, not a bias-free linear layer")
-        elif (old.out_features, old.in_features) != qw.shape:
-            problems.append(f"{name}: quantized weight {qw.shape} vs model {(old.out_features, old.in_features)}")
+    """Replace each named nn.Linear (nn.Embedding) of `model`, meta-built or real, by a QuantLinear (QuantEmbedding)
+    holding its quantized weight."""
+    problems = [p for name, qw in layers.items() if (p := _layer_problem(model, name, qw))]
     if problems:
         raise ValueError("quantized layers do not match the model: " + "; ".join(problems[:8]))
     for name, qw in layers.items():
-        _set_module(model, name, QuantLinear(qw.to(device)))
+        embedding = isinstance(model.get_submodule(name), nn.Embedding)
+        _set_module(model, name, (QuantEmbedding if embedding else QuantLinear)(qw.to(device)))
 
 
 def quantize_model(model: nn.Module, fmt: str,
@@ -505,51 +539,6 @@ def quant_summary(model: nn.Module) -> dict[str, int]:
     """How many layers of each format a model holds."""
     out: dict[str, int] = {}
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
             out[m.format] = out.get(m.format, 0) + 1
     return out
-
-
-# ---------------------------------------------------------------- measurements
-
-
-def relative_error(a: Tensor, b: Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
-def matmul_report(n: int = 9216, k: int = 3072, m: int = 256, seed: int = 0, repeats: int = 3) -> dict[str, Any]:
-    """Per-format matmul error (vs float64 on the unquantized weight) and CPU time of one (m x k) @ (k x n) layer
-    against bf16 F.linear, on this machine's current thread setting."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) / k**0.5
-    x = torch.randn(m, k, generator=g)
-    ref = x.double() @ w.double().t()
-
-    def best(fn: Callable[[], Tensor]) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    wb, xb = w.bfloat16(), x.bfloat16()
-    res: dict[str, Any] = {"shape": [m, k, n], "threads": torch.get_num_threads(),
-                           "bf16": {"error": relative_error(F.linear(xb, wb).float(), ref),
-                                    "seconds": best(lambda: F.linear(xb, wb))}}
-    with torch.inference_mode():
-        for fmt in FORMATS:
-            layer = QuantLinear(quantize_weight(w, fmt))
-            dq = layer.dequantize(torch.float32)
-            entry: dict[str, Any] = {
-                "weight_error": relative_error(dq, w),
-                "matmul_error_dequant": relative_error(F.linear(x, dq), ref),
-                "kernel": native_kernel(fmt, x.device) or "dequantize just in time",
-                "seconds": best(lambda layer=layer: layer(xb)),
-                "bytes": layer.quant_weight().nbytes(),
-            }
-            entry["matmul_error"] = relative_error(layer(xb).float(), ref)
-            res[fmt] = entry
-    res["bf16"]["bytes"] = n * k * 2
-    return res

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from kleinbild.config import DiTConfig
 from kleinbild.loading import load_into, read_transformer
-from kleinbild.quant import FORMATS, quant_summary, weight_bytes
+from kleinbild.quant import FORMATS, QuantLinear, native_kernel, quant_summary, quantize_weight, weight_bytes
 from kleinbild.quant_file import from_file_tensors, prepare_quantized, save_quantized
 from kleinbild.transformer import Flux2Transformer
 
@@ -46,4 +49,46 @@ def memory_report(model: str | Path, formats: Iterable[str] = FORMATS) -> dict[s
     base = res["bfloat16"]["bytes"]
     for fmt in formats:
         res[fmt]["ratio"] = round(res[fmt]["bytes"] / base, 4)
+    return res
+
+
+def relative_error(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def matmul_report(n: int = 9216, k: int = 3072, m: int = 256, seed: int = 0, repeats: int = 3) -> dict[str, Any]:
+    """Per-format matmul error (vs float64 on the unquantized weight) and CPU time of one (m x k) @ (k x n) layer
+    against bf16 F.linear, on this machine's current thread setting."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    x = torch.randn(m, k, generator=g)
+    ref = x.double() @ w.double().t()
+
+    def best(fn: Callable[[], Tensor]) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    wb, xb = w.bfloat16(), x.bfloat16()
+    res: dict[str, Any] = {"shape": [m, k, n], "threads": torch.get_num_threads(),
+                           "bf16": {"error": relative_error(F.linear(xb, wb).float(), ref),
+                                    "seconds": best(lambda: F.linear(xb, wb))}}
+    with torch.inference_mode():
+        for fmt in FORMATS:
+            layer = QuantLinear(quantize_weight(w, fmt))
+            dq = layer.dequantize(torch.float32)
+            entry: dict[str, Any] = {
+                "weight_error": relative_error(dq, w),
+                "matmul_error_dequant": relative_error(F.linear(x, dq), ref),
+                "kernel": native_kernel(fmt, x.device) or "dequantize just in time",
+                "seconds": best(lambda layer=layer: layer(xb)),
+                "bytes": layer.quant_weight().nbytes(),
+            }
+            entry["matmul_error"] = relative_error(layer(xb).float(), ref)
+            res[fmt] = entry
+    res["bf16"]["bytes"] = n * k * 2
     return res

@@ -159,8 +159,12 @@ class Qwen3TextEncoder(nn.Module):
             raise ValueError(
                 f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
-        device = self.model.embed_tokens.weight.device
-        x = self.model.embed_tokens(input_ids.to(device))
+        # The first norm's weight says where and in which dtype the encoder runs: the embedding table may be a
+        # quantized one that returns float32.
+        body = self.model
+        ref = body.layers[0].input_layernorm.weight if len(body.layers) else body.embed_tokens.weight
+        device = ref.device
+        x = self.model.embed_tokens(input_ids.to(device)).to(ref.dtype)
         n = x.shape[1]
         cos, sin = self._rope(n, device, x.dtype)
         mask = self._mask(None if attention_mask is None else attention_mask.to(device), n)
