@@ -198,9 +198,15 @@ def text_config(path: Path) -> dict[str, Any]:
         "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", heads)),
         "head_dim": int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
         "intermediate_size": int(get("feed_forward_length")),
-        "rms_norm_eps": float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 1_000_000.0)),
+        "rms_norm_eps": _f32(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": _f32(meta.get(f"{arch}.rope.freq_base", 1_000_000.0)),
     }
+
+
+def _f32(value: Any) -> float:
+    """GGUF stores these as float32: 1e-6 reads back as 9.99999997e-07. The decimal the converter wrote is the
+    shortest one that rounds to the same float32."""
+    return float(f"{float(value):.7g}") if float(value) else 0.0
 
 
 def text_state(path: Path, wanted: Callable[[str], bool]) -> dict[str, Tensor]:

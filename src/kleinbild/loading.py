@@ -525,7 +525,11 @@ def load_tokenizer(files: ModelFiles) -> PromptTokenizer:
         from kleinbild.tokenizer_gguf import tokenizer_from_metadata
 
         path = files.text_files[0]
-        return tokenizer_from_metadata(gguf_file.metadata(path), str(path))
+        meta = gguf_file.metadata(path)
+        # Some re-uploads of Qwen3 pad with another token; FLUX.2 was trained on prompts padded with <|endoftext|>,
+        # and padded positions reach the transformer, so that pad wins wherever the vocabulary has it.
+        pad = "<|endoftext|>" if "<|endoftext|>" in meta.get("tokenizer.ggml.tokens", ()) else None
+        return tokenizer_from_metadata(meta, str(path), pad_token=pad)
     return PromptTokenizer.from_dir(files.tokenizer_dir)
 
 

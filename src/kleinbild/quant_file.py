@@ -14,8 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from kleinbild.files import read_header, read_tensors, strip_prefix
+from kleinbild.ggml import GGML_TYPES
 from kleinbild.quant import (
     BLOCK,
+    GGML_QUANTIZED,
     QuantWeight,
     _roundup,
     check_format,
@@ -42,6 +44,8 @@ def _read_marker(t: Tensor, name: str) -> str:
         marker = conf["format"]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"{name}.comfy_quant is not a JSON object with a 'format'") from None
+    if marker == "gguf" and conf.get("type") in GGML_QUANTIZED:  # gguf_file's marker for a block-format layer
+        return str(conf["type"])
     if marker not in _FROM_MARKER:
         raise ValueError(
             f"layer {name} uses quantization format {marker!r}; kleinbild reads {sorted(_FROM_MARKER)} "
@@ -95,6 +99,11 @@ def from_file_tensors(state: dict[str, Tensor]) -> dict[str, QuantWeight]:
         w = state.get(f"{name}.weight")
         if w is None or w.ndim != 2:
             raise ValueError(f"quantized layer {name} has no 2-D weight tensor")
+        if fmt in GGML_QUANTIZED:
+            layers[name] = _ggml_layer(name, fmt, w)
+            state.pop(f"{name}.weight")
+            state.pop(f"{name}.comfy_quant")
+            continue
         scale = state.get(f"{name}.weight_scale", state.get(f"{name}.scale_weight"))
         if scale is None:
             raise ValueError(f"quantized layer {name} ({fmt}) has no weight_scale")
@@ -141,6 +150,13 @@ def from_file_tensors(state: dict[str, Tensor]) -> dict[str, QuantWeight]:
             state.pop(f"{name}.{suffix}", None)
         layers[name] = qw
     return layers
+
+
+def _ggml_layer(name: str, fmt: str, w: Tensor) -> QuantWeight:
+    block, size = GGML_TYPES[fmt]
+    if w.dtype != torch.uint8 or w.shape[1] % size:
+        raise ValueError(f"{name}.weight ({fmt}) must be uint8 rows of whole {size}-byte blocks")
+    return QuantWeight(fmt, (w.shape[0], w.shape[1] // size * block), w, torch.ones(()))
 
 
 def logical_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
