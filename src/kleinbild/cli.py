@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kleinbild import __version__, cli_train
+from kleinbild import __version__, cli_memory, cli_train
 
 if TYPE_CHECKING:
     from kleinbild.loading import LoadOptions
@@ -56,10 +56,11 @@ def _default_model() -> str:
 def add_source_flags(p: argparse.ArgumentParser, default: str | None) -> None:
     """Which model: --model and, for an official single file, its parts and its preset."""
     p.add_argument("--model", "-m", default=default,
-                   help="diffusers folder, official .safetensors file, preset name or Hugging Face repo id "
+                   help="diffusers folder, official .safetensors or .gguf file, preset name or Hugging Face repo id "
                    "(default: $KLEINBILD_MODEL, else the bundled nano model)")
     p.add_argument("--vae", help="autoencoder for a single-file model: ae.safetensors or a diffusers vae/ folder")
-    p.add_argument("--text-encoder", help="for a single-file model: a Qwen3 folder, or a diffusers folder")
+    p.add_argument("--text-encoder", help="for a single-file model: a Qwen3 folder, a diffusers folder, a llama.cpp "
+                   "GGUF (Qwen3-4B-Q8_0.gguf) or one .safetensors file with its tokenizer.json beside it")
     p.add_argument("--preset", help="sampling behaviour for a single file with an unofficial name (e.g. klein-base-4b)")
 
 
@@ -69,6 +70,8 @@ def add_runtime_flags(p: argparse.ArgumentParser, offload: str) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--quant", choices=_QUANT_FORMATS,
                    help="quantize the transformer's block linears on load (weight-only; int8 per output channel)")
+    p.add_argument("--text-quant", choices=_QUANT_FORMATS,
+                   help="quantize the text encoder's linears on load (its embedding table goes int8 per row)")
     p.add_argument("--offload", choices=("none", "model", "sequential"), default=offload,
                    help="memory mode: 'model' keeps the text encoder only while encoding (and on a GPU moves each "
                    "component over for its own stage); 'sequential' streams transformer blocks to the GPU one at "
@@ -96,7 +99,8 @@ def load_options(args: argparse.Namespace, **changes: Any) -> LoadOptions:
 
     given = dict(vae=getattr(args, "vae", None), text_encoder=getattr(args, "text_encoder", None),
                  preset=getattr(args, "preset", None), device=args.device, dtype=args.dtype,
-                 quant=getattr(args, "quant", None), loras=tuple(getattr(args, "lora", ())),
+                 quant=getattr(args, "quant", None), text_quant=getattr(args, "text_quant", None),
+                 loras=tuple(getattr(args, "lora", ())),
                  fuse_loras=getattr(args, "fuse_lora", False), offload_mode=getattr(args, "offload", "none"),
                  compile=getattr(args, "compile", False))
     return LoadOptions(**{**given, **changes})
@@ -109,6 +113,7 @@ def _generate_parser(sub: Any) -> None:
     g = sub.add_parser("generate", help="text-to-image, edit (--image) or multi-reference (--image ... --image ...)")
     g.add_argument("prompt", nargs="?", help="what to make (optional with --from)")
     add_model_flags(g, default=None, offload="model")
+    cli_memory.add_budget_flag(g)
     g.add_argument("--from", dest="from_png", metavar="PNG", help="make again the image this kleinbild PNG holds "
                    "(its prompt, seed, size, references and model); flags given beside it win")
     g.add_argument("--image", "-i", action="append", default=[], help="reference image (repeat for several); "
@@ -172,6 +177,7 @@ def _eval_parser(sub: Any) -> None:
 def _serve_parser(sub: Any) -> None:
     v = sub.add_parser("serve", help="HTTP server: OpenAI-compatible images API, async jobs with progress, playground")
     add_model_flags(v, default=_default_model())
+    cli_memory.add_budget_flag(v)
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     v.add_argument("--port", type=_port, default=8000, help="TCP port (default: 8000; 0: any free one)")
     v.add_argument("--api-key", action="append", default=[],
@@ -258,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _serve_parser(sub)
     _quantize_parser(sub)
+    cli_memory.add_parser(sub, add_source_flags, _positive_int)
     return parser
 
 
@@ -311,9 +318,12 @@ def _from_png(args: argparse.Namespace) -> dict[str, Any]:
     from kleinbild.images import read_settings
 
     s = read_settings(args.from_png)
-    for name in ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "dtype", "quant"):
-        if getattr(args, name, None) is None and s.get(name) is not None:
-            setattr(args, name, s[name])
+    for name in ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "dtype", "quant",
+                 "text_quant"):  # a file's own format (a GGUF's Q4_K) comes back with the file, not as a flag
+        value = s.get(name)
+        if getattr(args, name, None) is None and value is not None and (not name.endswith("quant") or value in
+                                                                          _QUANT_FORMATS):
+            setattr(args, name, value)
     if args.model is None:
         args.model = s.get("model")
     if not args.image:
@@ -359,7 +369,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("give a prompt (or --from PNG to make an image again)")
     args.model = args.model or _default_model()
     paths = output_paths(args.out, args.num_images)
-    options = load_options(args)
+    options = cli_memory.apply_budget(args, load_options(args), args.width, args.height)
     files = locate_with(args.model, options)
     # Checked against the model's preset before its weights are read: a bad size or image fails at once.
     req = validate(files.preset, args.prompt, args.image or None, width=args.width, height=args.height,
@@ -500,7 +510,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         keep_alive_timeout=float(args.keep_alive_timeout), webhook_hosts=tuple(args.webhook_host),
     )
     logging.getLogger("kleinbild").setLevel(args.log_level.upper())
-    return serve(args.model, host=args.host, port=args.port, settings=settings, load_options=load_options(args),
+    options = cli_memory.apply_budget(args, load_options(args), None, None)
+    return serve(args.model, host=args.host, port=args.port, settings=settings, load_options=options,
                  log_level=args.log_level, replicas=_replica_options(args))
 
 
@@ -558,7 +569,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _commands() -> dict[str, Any]:
     return {"generate": cmd_generate, "models": lambda _args: cmd_models(), "bench": cmd_bench,
-            "train": cli_train.cmd_train, "eval": cmd_eval, "serve": cmd_serve, "quantize": cmd_quantize}
+            "train": cli_train.cmd_train, "eval": cmd_eval, "serve": cmd_serve, "quantize": cmd_quantize,
+            "memory": cli_memory.cmd_memory}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,259 @@
+"""The memory a model will need, computed before anything is loaded, and the settings that fit a budget.
+
+Weights: the bytes each component holds once loaded, from the files' own tensors (architecture read from their
+shapes): a file's quantized tensors at their stored size; float tensors in the load dtype; with `quant` /
+`text_quant`, the layers those formats replace at the quantized size (`quant.estimate_bytes`). The text encoder
+counts only the layers up to its deepest tap, which is all that is read.
+
+Working memory per stage, in the compute dtype, from coefficients measured on the CPU (bf16, klein-4b shapes):
+a transformer pass holds ~80 bytes x hidden size per token (the text encoder the same per prompt token); the
+decoder ~14 bytes x its base width per output pixel; a weight that is dequantized just in time (GGUF, and fp8 /
+nvfp4 where the device has no native kernel) adds its largest layer, in float32 and the compute dtype for GGUF.
+
+Peak: `none` holds every component plus the largest stage. `model` on an accelerator holds one component at a time
+(device memory); on the CPU the text encoder exists only while encoding. `sequential` on an accelerator holds the
+transformer's largest block plus its small resident parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from kleinbild import gguf_file
+from kleinbild.autoencoder import AutoEncoder
+from kleinbild.components import text_quantizable
+from kleinbild.files import read_header, strip_prefix
+from kleinbild.loading import LoadOptions, ModelFiles, _hf_text_key, locate_with
+from kleinbild.quant import FORMATS, check_format, default_quantizable, estimate_bytes
+from kleinbild.text_encoder import Qwen3TextEncoder, text_encoder_wanted_keys
+from kleinbild.transformer import Flux2Transformer
+
+GB = 1e9
+TOKEN_BYTES_PER_HIDDEN = 80  # working memory of a transformer pass, per token and unit of hidden size, in bf16
+PIXEL_BYTES_PER_CHANNEL = 14  # of a decode, per output pixel and decoder base channel, in bf16
+_SIZES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "F8_E4M3": 1,
+          "F8_E5M2": 1, "BOOL": 1}
+_KEEP = ("weight_scale", "weight_scale_2", "input_scale", "comfy_quant", "scale_weight", "scale_input")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes of each component's weights, each stage's working memory, and the peaks they add up to."""
+
+    model: str
+    quant: str | None
+    text_quant: str | None
+    offload: str
+    width: int
+    height: int
+    weights: dict[str, int]
+    working: dict[str, int]
+    peak_device: int  # device memory on an accelerator
+    peak_host: int  # memory when the model runs on the CPU
+    formats: dict[str, str | None] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        gb = {k: round(v / GB, 3) for k, v in {**self.weights, "total": sum(self.weights.values())}.items()}
+        return {"model": self.model, "quant": self.quant, "text_quant": self.text_quant, "offload": self.offload,
+                "size": f"{self.width}x{self.height}", "weights_gb": gb,
+                "working_gb": {k: round(v / GB, 3) for k, v in self.working.items()},
+                "peak_device_gb": round(self.peak_device / GB, 3), "peak_host_gb": round(self.peak_host / GB, 3),
+                "formats": self.formats}
+
+
+def _meta(build: Callable[[], nn.Module]) -> nn.Module:
+    with torch.device("meta"):
+        return build()
+
+
+def _stored(entries: dict[str, tuple[tuple[int, ...], str, int]], wanted: Callable[[str], bool], per: int) -> int:
+    """Bytes of a file's wanted tensors once loaded: quantized and scale tensors as stored, floats at `per`."""
+    total = 0
+    for name, (shape, dtype, nbytes) in entries.items():
+        if not wanted(name):
+            continue
+        n = 1
+        for d in shape:
+            n *= d
+        quantized = dtype not in ("F32", "F16", "BF16", "F64") or name.rpartition(".")[2] in _KEEP
+        total += nbytes if quantized else n * per
+    return total
+
+
+def _entries(paths: Sequence[Any], layout: str, rename: Callable[[str], str | None]
+             ) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """(shape, stored type, stored bytes) of each tensor, from headers only."""
+    if layout == "gguf":
+        found = gguf_file.tensors(paths[0], rename=rename)
+        return {k: (t.shape, t.type_name, t.nbytes + (4 if t.type_name not in ("F32", "F16", "BF16") else 0))
+                for k, t in found.items()}
+    out = {}
+    for k, (shape, dtype) in read_header(paths).items():
+        n = 1
+        for d in shape:
+            n *= d
+        name = rename(k)
+        if name is not None:
+            out[name] = (tuple(shape), dtype, n * _SIZES.get(dtype, 2))
+    return out
+
+
+def _quantized(entries: dict[str, tuple[tuple[int, ...], str, int]]) -> list[str]:
+    return sorted({t for _, t, _ in entries.values() if t not in ("F32", "F16", "BF16", "F64", "I64", "I32")})
+
+
+def _dit_weights(files: ModelFiles, quant: str | None, per: int, dtype: torch.dtype) -> tuple[int, str | None, int]:
+    """(bytes, format, largest quantized layer's element count) of the transformer."""
+    rename = strip_prefix if files.dit_layout != "diffusers" else (lambda k: k)
+    entries = _entries(files.dit_files, files.dit_layout, rename)
+    in_file = _quantized(entries)
+    dit = _meta(lambda: Flux2Transformer(files.preset.dit))
+    largest = max((p.numel() for n, p in dit.named_parameters() if default_quantizable(n, tuple(p.shape))),
+                  default=0)
+    if in_file:
+        return _stored(entries, lambda k: True, per), "+".join(in_file), largest
+    return estimate_bytes(dit, quant, dtype), quant, largest if quant else 0
+
+
+def _text_weights(files: ModelFiles, text_quant: str | None, per: int, dtype: torch.dtype) -> tuple[int, str | None]:
+    te = _meta(lambda: Qwen3TextEncoder(files.preset.text))
+    wanted = text_encoder_wanted_keys(te.cfg)
+    if files.text_layout == "gguf":
+        entries = _entries(files.text_files, "gguf", gguf_file.text_name)
+    else:
+        entries = _entries(files.text_files, "hf", _hf_text_key)
+    entries = {k: v for k, v in entries.items() if wanted(k)}
+    in_file = _quantized(entries)
+    if in_file:
+        return _stored(entries, wanted, per), "+".join(in_file)
+    if text_quant is None:
+        return estimate_bytes(te, None, dtype), None
+    linears = estimate_bytes(te, text_quant, dtype, which=text_quantizable)
+    vocab, hidden = te.model.embed_tokens.weight.shape
+    return linears - vocab * hidden * per + vocab * hidden + 4 * vocab, text_quant  # the int8 table
+
+
+def _jit_extra(fmt: str | None, largest: int, device: torch.device) -> int:
+    """A layer dequantized for one matmul: float32 and compute-dtype copies for GGUF, one copy for fp8 / nvfp4 where
+    the device lacks their kernel; int8 always has one (CPU and CUDA)."""
+    from kleinbild.quant import native_kernel
+
+    if not fmt or not largest:
+        return 0
+    if fmt not in FORMATS:
+        return 6 * largest
+    return 0 if native_kernel(fmt, device) else 2 * largest
+
+
+def plan(files: ModelFiles, *, quant: str | None = None, text_quant: str | None = None, offload: str = "none",
+         width: int = 1024, height: int = 1024, dtype: torch.dtype = torch.bfloat16, source: str = "",
+         device: str = "cuda") -> MemoryPlan:
+    """The memory plan of one configuration (see the module docstring)."""
+    quant = None if quant is None else check_format(quant)
+    text_quant = None if text_quant is None else check_format(text_quant)
+    p = files.preset
+    per = torch.empty((), dtype=dtype).element_size()
+    dit_b, dit_fmt, largest = _dit_weights(files, quant, per, dtype)
+    te_b, te_fmt = _text_weights(files, text_quant, per, dtype)
+    ae_b = sum(t.numel() for t in _meta(lambda: AutoEncoder(p.ae)).parameters()) * per
+    weights = {"transformer": dit_b, "text_encoder": te_b, "autoencoder": ae_b}
+    scale = per / 2
+    tokens = (width // p.ae.downscale) * (height // p.ae.downscale) + p.text.max_length
+    jit = _jit_extra(dit_fmt, largest, torch.device(device))
+    working = {
+        "text": int(p.text.max_length * p.text.hidden_size * TOKEN_BYTES_PER_HIDDEN * scale),
+        "denoise": int(tokens * p.dit.hidden_size * TOKEN_BYTES_PER_HIDDEN * scale) + jit,
+        "decode": int(width * height * (p.ae.decoder_ch or p.ae.ch) * PIXEL_BYTES_PER_CHANNEL * scale),
+    }
+    stage_weights = {"text": te_b, "denoise": dit_b, "decode": ae_b}
+    if offload == "none":
+        device_peak = sum(weights.values()) + max(working.values())
+    elif offload == "model":
+        device_peak = max(stage_weights[s] + working[s] for s in working)
+    else:
+        block = dit_b // max(1, p.dit.depth + p.dit.depth_single) * 2  # a double block is about two single ones
+        device_peak = max(block + working["denoise"], ae_b + working["decode"], te_b // 8 + working["text"])
+    host_peak = sum(weights.values()) + max(working.values())
+    if offload != "none":  # the text encoder exists only while encoding
+        host_peak = dit_b + ae_b + max(te_b + working["text"], working["denoise"], working["decode"])
+    return MemoryPlan(source or str(files.dit_files[0]), quant, text_quant, offload, width, height, weights, working,
+                      device_peak, host_peak, {"transformer": dit_fmt, "text_encoder": te_fmt})
+
+
+# ---------------------------------------------------------------- fitting a budget
+
+# Tried in order: full precision first, then moving components between stages, then the quantized formats.
+CANDIDATES: tuple[tuple[str | None, str | None, str], ...] = (
+    (None, None, "none"),
+    (None, None, "model"),
+    ("fp8", "int8", "none"),
+    ("fp8", None, "model"),
+    ("nvfp4", "int8", "none"),
+    ("fp8", "int8", "model"),
+    (None, None, "sequential"),
+    ("fp8", "int8", "sequential"),
+)
+
+
+def fit_budget(model: str, options: LoadOptions, budget_gb: float, width: int, height: int,
+               device: str = "cuda", offload: str | None = None) -> tuple[LoadOptions, MemoryPlan]:
+    """The first candidate whose computed peak fits `budget_gb` of device memory (host memory on the CPU), keeping
+    the formats `options` names and `offload` if given. Raises ValueError naming the smallest plan when none fits."""
+    if budget_gb <= 0:
+        raise ValueError(f"the memory budget must be positive, got {budget_gb} GB")
+    files = locate_with(model, options)
+    on_cpu = device == "cpu"
+    best: MemoryPlan | None = None
+    seen = set()
+    for quant, text_quant, mode in CANDIDATES:
+        q = options.quant or quant
+        tq = options.text_quant or text_quant
+        off = offload or mode
+        if (q, tq, off) in seen:
+            continue
+        seen.add((q, tq, off))
+        try:
+            p = plan(files, quant=q, text_quant=tq, offload=off, width=width, height=height, source=model,
+                     device=device)
+        except ValueError:  # e.g. a quantized file asked to quantize again
+            p = plan(files, text_quant=tq, offload=off, width=width, height=height, source=model, device=device)
+            q = None
+        peak = p.peak_host if on_cpu else p.peak_device
+        if peak <= budget_gb * GB:
+            return replace(options, quant=q, text_quant=tq, offload_mode=off), p
+        if best is None or peak < (best.peak_host if on_cpu else best.peak_device):
+            best = p
+    assert best is not None
+    need = (best.peak_host if on_cpu else best.peak_device) / GB
+    raise ValueError(f"{model} does not fit {budget_gb:g} GB at {width}x{height}: the smallest plan "
+                     f"(quant {best.quant}, text quant {best.text_quant}, offload {best.offload}) needs {need:.1f} GB; "
+                     "use a smaller size, a GGUF transformer, or more memory")
+
+
+def describe(p: MemoryPlan, budget_gb: float | None = None) -> str:
+    """One line saying what was chosen and why."""
+    flags = " ".join(f"--{k} {v}" for k, v in (("quant", p.quant), ("text-quant", p.text_quant),
+                                               ("offload", p.offload)) if v)
+    head = f"memory budget {budget_gb:g} GB: " if budget_gb is not None else ""
+    return (f"{head}{flags or 'full precision, no offload'}; computed peak {p.peak_device / GB:.1f} GB on a GPU, "
+            f"{p.peak_host / GB:.1f} GB on the CPU at {p.width}x{p.height}")
+
+
+def format_table(plans: Sequence[MemoryPlan]) -> str:
+    """A plain-text table of several plans."""
+    rows = [("transformer", "text encoder", "offload", "DiT GB", "text GB", "AE GB", "peak GPU GB", "peak CPU GB")]
+    for p in plans:
+        w = p.weights
+        rows.append((p.formats.get("transformer") or "bf16", p.formats.get("text_encoder") or "bf16", p.offload,
+                     f"{w['transformer'] / GB:.2f}", f"{w['text_encoder'] / GB:.2f}", f"{w['autoencoder'] / GB:.2f}",
+                     f"{p.peak_device / GB:.2f}", f"{p.peak_host / GB:.2f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)) for r in rows)
+
+
+__all__ = ["CANDIDATES", "MemoryPlan", "describe", "fit_budget", "format_table", "plan"]

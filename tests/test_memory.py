@@ -1,0 +1,87 @@
+"""The memory plan against what loading really holds, and the choice a budget makes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kleinbild import memory
+from kleinbild.cli import main
+from kleinbild.loading import LoadOptions, locate_with
+from kleinbild.pipeline import KleinPipeline
+from kleinbild.quant import weight_bytes
+
+
+def _held(pipe: KleinPipeline) -> dict[str, int]:
+    return {"transformer": weight_bytes(pipe.transformer), "text_encoder": weight_bytes(pipe.text_encoder),
+            "autoencoder": weight_bytes(pipe.autoencoder)}
+
+
+@pytest.mark.parametrize(("quant", "text_quant"), [(None, None), ("fp8", "int8"), ("int8", "nvfp4")])
+def test_computed_weights_are_what_loading_holds(quant, text_quant):
+    files = locate_with("nano", LoadOptions())
+    p = memory.plan(files, quant=quant, text_quant=text_quant, width=128, height=128)
+    pipe = KleinPipeline.from_pretrained("nano", device="cpu", quant=quant, text_quant=text_quant)
+    held = _held(pipe)
+    for part, want in held.items():
+        assert abs(p.weights[part] - want) <= 0.01 * want, (part, p.weights[part], want)
+    assert p.formats == {"transformer": quant, "text_encoder": text_quant}
+    assert p.peak_host > sum(held.values())
+
+
+def test_gguf_weights_are_counted_as_stored(tmp_path):
+    pytest.importorskip("gguf")
+    from gguf_files import linear_type, write
+
+    from kleinbild.config import get_preset
+    from kleinbild.loading import bundled_dir, read_transformer
+
+    folder = bundled_dir(get_preset("nano"))
+    path = write(tmp_path / "flux-2-nano-Q8_0.gguf", read_transformer(folder / "flux-2-nano.safetensors"),
+                 linear_type("Q8_0"))
+    opts = LoadOptions(vae=folder / "ae.safetensors", text_encoder=folder / "text_encoder")
+    p = memory.plan(locate_with(path, opts), width=128, height=128)
+    pipe = KleinPipeline.from_pretrained(path, opts, device="cpu")
+    want = weight_bytes(pipe.transformer)
+    assert p.formats["transformer"] == "Q8_0" and abs(p.weights["transformer"] - want) <= 0.01 * want
+    assert p.working["denoise"] > memory.plan(locate_with("nano", LoadOptions()), width=128, height=128,
+                                              device="cpu").working["denoise"]  # the dequantized layer counts
+
+
+def test_offload_lowers_the_device_peak():
+    files = locate_with("nano", LoadOptions())
+    plans = {m: memory.plan(files, offload=m, width=512, height=512) for m in ("none", "model", "sequential")}
+    assert plans["none"].peak_device > plans["model"].peak_device >= plans["sequential"].peak_device
+    w = plans["none"].weights
+    assert plans["model"].peak_device == max(w[c] + plans["model"].working[s] for c, s in (
+        ("text_encoder", "text"), ("transformer", "denoise"), ("autoencoder", "decode")))
+
+
+def test_budget_picks_the_first_plan_that_fits():
+    opts = LoadOptions()
+    full = memory.plan(locate_with("nano", opts), width=512, height=512)
+    chosen, p = memory.fit_budget("nano", opts, full.peak_device / memory.GB + 0.001, 512, 512)
+    assert (chosen.quant, chosen.text_quant, chosen.offload_mode) == (None, None, "none")
+    model = memory.plan(locate_with("nano", opts), offload="model", width=512, height=512)
+    chosen, p = memory.fit_budget("nano", opts, (full.peak_device - 1) / memory.GB, 512, 512)
+    assert chosen.offload_mode == "model" and p.peak_device == model.peak_device
+    chosen, _ = memory.fit_budget("nano", LoadOptions(quant="int8"), 100, 512, 512)
+    assert chosen.quant == "int8"  # a format the user named is kept
+    with pytest.raises(ValueError, match=r"does not fit 0.001 GB at 512x512: the smallest plan .* needs"):
+        memory.fit_budget("nano", opts, 0.001, 512, 512)
+
+
+def test_cli_memory_and_budget(tmp_path, capsys):
+    assert main(["memory", "nano", "--width", "256", "--height", "256", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["size"] == "256x256" and out["weights_gb"]["total"] > 0
+    assert main(["memory", "nano", "--table"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("\n") == 8 and "fp8" in table and "int8" in table
+    rc = main(["generate", "a red circle", "--vram-budget", "0.05", "--device", "cpu", "--steps", "1", "--quiet",
+               "-o", str(tmp_path / "a.png")])
+    err = capsys.readouterr().err
+    assert rc == 0 and "memory budget 0.05 GB:" in err and (tmp_path / "a.png").is_file()
+    assert main(["generate", "x", "--vram-budget", "0.0001", "-o", str(tmp_path / "b.png")]) == 2
+    assert "does not fit" in capsys.readouterr().err
