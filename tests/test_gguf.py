@@ -10,9 +10,9 @@ import torch.nn.functional as F
 pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType  # noqa: E402
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
-from gguf_files import linear_type, random_blocks, write  # noqa: E402
 
 from kleinbild import gguf_file, quant  # noqa: E402
+from kleinbild.bench.gguf_write import linear_type, random_blocks, write  # noqa: E402
 from kleinbild.ggml import GGML_TYPES  # noqa: E402
 from kleinbild.images import psnr  # noqa: E402
 from kleinbild.quant import GGML_QUANTIZED, QuantLinear, QuantWeight  # noqa: E402
@@ -144,9 +144,9 @@ def test_unknown_tensor_type_is_named(tmp_path):
 def _nano_text_gguf(tmp_path, main: str, block_count: int | None = None):
     import json
 
-    from gguf_files import llama_name, qwen3_meta, tokenizer_meta
     from safetensors.torch import load_file
 
+    from kleinbild.bench.gguf_write import llama_name, qwen3_meta, tokenizer_meta
     from kleinbild.config import get_preset
     from kleinbild.loading import bundled_dir
 

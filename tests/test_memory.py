@@ -32,8 +32,7 @@ def test_computed_weights_are_what_loading_holds(quant, text_quant):
 
 def test_gguf_weights_are_counted_as_stored(tmp_path):
     pytest.importorskip("gguf")
-    from gguf_files import linear_type, write
-
+    from kleinbild.bench.gguf_write import linear_type, write
     from kleinbild.config import get_preset
     from kleinbild.loading import bundled_dir, read_transformer
 
@@ -85,3 +84,28 @@ def test_cli_memory_and_budget(tmp_path, capsys):
     assert rc == 0 and "memory budget 0.05 GB:" in err and (tmp_path / "a.png").is_file()
     assert main(["generate", "x", "--vram-budget", "0.0001", "-o", str(tmp_path / "b.png")]) == 2
     assert "does not fit" in capsys.readouterr().err
+
+
+def test_memory_benchmark_measures_each_configuration(tmp_path, capsys):
+    from kleinbild.bench import memory as bench_memory
+
+    res = bench_memory.run("nano", size=64, steps=1, cache_dir=tmp_path, threads=1, say=lambda m: None,
+                           offloads=("none",))
+    rows = {r["config"]: r for r in res["rows"]}
+    assert list(rows) == [c for c, _, _ in bench_memory.CONFIGS]
+    assert rows["fp8 DiT + int8 text"]["quant"] == "fp8" and rows["fp8 DiT + int8 text"]["text_quant"] == "int8"
+    assert rows["Q4_K DiT + Q8_0 text"]["text_quant"] == "Q8_0"
+    for r in rows.values():
+        assert r["peak_rss"] >= r["after_load_rss"] > 0 and r["computed_host"] > sum(r["weights"].values())
+    table = bench_memory.format_table(res)
+    assert table.count("\n") == 2 + len(rows) and "measured peak RSS" in table
+
+
+def test_quality_report_covers_text_encoders_and_gguf():
+    from kleinbild.nano.quality import quality_report
+
+    res = quality_report("nano", formats=("int8",), n=1, tasks=("single",), text_formats=("fp8",),
+                         gguf_types=("Q8_0",))
+    assert set(res) >= {"bfloat16", "int8", "text fp8", "gguf Q8_0"}
+    assert 0 < res["text fp8"]["hidden_error"] < 0.05 and "hidden_error" not in res["int8"]
+    assert res["gguf Q8_0"]["psnr_min"] > 20 and 0 <= res["gguf Q8_0"]["score"] <= 1

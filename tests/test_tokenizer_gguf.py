@@ -21,7 +21,7 @@ from kleinbild.tokenizer import QWEN3_CHAT_TEMPLATE, PromptTokenizer
 from kleinbild.tokenizer_gguf import read_metadata, tokenizer_from_gguf, tokenizer_from_metadata
 
 gguf = pytest.importorskip("gguf")
-from gguf_files import looks_special, vocab_base, write_tokenizer_gguf  # noqa: E402
+from kleinbild.bench.gguf_write import looks_special, vocab_base, write_tokenizer_gguf  # noqa: E402
 
 NANO = Path(__file__).resolve().parents[1] / "src" / "kleinbild" / "weights" / "nano" / "text_encoder"
 # Larger than the tokenizer's 547 ids, as Qwen3-4B's embedding (151936 rows) is larger than its 151669 tokens.

@@ -156,6 +156,7 @@ def _bench_parser(sub: Any) -> None:
     b.set_defaults(dtype="bfloat16", device="cpu")
     b.add_argument("--serve", action="store_true", help="measure the HTTP server instead: in-process vs 1 and 2 "
                    "Ray Serve replicas, the same load (needs kleinbild[ray])")
+    cli_memory.add_bench_flag(b)
     b.add_argument("--serve-model", default="nano", help="--serve: the model served (default nano)")
     b.add_argument("--requests", type=_positive_int, default=40, help="--serve: requests per configuration")
     b.add_argument("--concurrency", type=_positive_int, default=4, help="--serve: client threads")
@@ -230,22 +231,6 @@ def _replica_flags(r: Any) -> None:
                    "when its replica is lost (default 3)")
 
 
-def _quantize_parser(sub: Any) -> None:
-    q = sub.add_parser("quantize", help="write a transformer as a quantized single file (fp8, nvfp4, int8), or "
-                       "measure weight memory (--report) and image quality (--quality)")
-    q.add_argument("model", nargs="?", help="the bf16 transformer: official or diffusers .safetensors, diffusers "
-                   "folder, preset")
-    q.add_argument("out", nargs="?", help="output .safetensors (default: MODEL-FORMAT.safetensors beside a file)")
-    q.add_argument("--format", "-f", choices=_QUANT_FORMATS, default="fp8")
-    q.add_argument("--report", action="store_true", help="print the transformer's weight bytes in bf16 and every "
-                   "format instead of writing a file")
-    q.add_argument("--quality", type=_positive_int, metavar="N", help="shapes-world models: PSNR against bf16 and "
-                   "eval score per format on N prompts per task")
-    q.add_argument("--matmul", action="store_true", help="per-format matmul error and time of one klein-4b layer "
-                   "(3072 -> 9216) on this machine")
-    q.add_argument("--device")
-
-
 class _Parser(argparse.ArgumentParser):
     """One line for a bad command line (what is wrong, and where the help is), not a usage block."""
 
@@ -263,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_train.add_parser(sub, _positive_int, _seed)
     _eval_parser(sub)
     _serve_parser(sub)
-    _quantize_parser(sub)
+    cli_memory.add_quantize_parser(sub, _positive_int)
     cli_memory.add_parser(sub, add_source_flags, _positive_int)
     return parser
 
@@ -433,6 +418,8 @@ def _report(pipe: KleinPipeline, result: GenerationResult, paths: list[Path], ar
 def cmd_bench(args: argparse.Namespace) -> int:
     from kleinbild.bench import cpu as bench
 
+    if args.memory:
+        return cli_memory.cmd_bench_memory(args)
     if args.serve:
         from kleinbild.bench import serve as bench_serve
 
@@ -538,38 +525,9 @@ def _allowed_hosts(host: str, given: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*given, *(("127.0.0.1", "localhost", "[::1]") if loopback else ())]))
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
-    from kleinbild import quantize
-
-    if args.matmul:
-        print(json.dumps(quantize.matmul_report()))
-        return 0
-    if not args.model:
-        raise ValueError("give the model to quantize: kleinbild quantize MODEL [OUT] --format fp8|nvfp4|int8")
-    if args.quality:
-        from kleinbild.nano.quality import quality_report
-
-        print(json.dumps(quality_report(args.model, n=args.quality, device=args.device)))
-        return 0
-    if args.report:
-        print(json.dumps(quantize.memory_report(args.model)))
-        return 0
-    out = args.out
-    if out is None:
-        src = Path(args.model)
-        if not src.is_file():
-            raise ValueError("give the output file: kleinbild quantize MODEL OUT.safetensors --format ...")
-        out = src.with_name(f"{src.stem}-{args.format}.safetensors")
-    res = quantize.quantize_file(args.model, Path(out), args.format)
-    print(out)
-    sys.stderr.write(f"{res['layers']} layers as {res['format']}, {res['bytes'] / 2**20:.1f} MiB, "
-                     f"{res['seconds']:.1f}s\n")
-    return 0
-
-
 def _commands() -> dict[str, Any]:
     return {"generate": cmd_generate, "models": lambda _args: cmd_models(), "bench": cmd_bench,
-            "train": cli_train.cmd_train, "eval": cmd_eval, "serve": cmd_serve, "quantize": cmd_quantize,
+            "train": cli_train.cmd_train, "eval": cmd_eval, "serve": cmd_serve, "quantize": cli_memory.cmd_quantize,
             "memory": cli_memory.cmd_memory}
 
 

@@ -1,4 +1,5 @@
-"""`kleinbild memory` (the memory a model will need, before loading it) and `--vram-budget` on generate and serve."""
+"""`kleinbild quantize`, `kleinbild memory` (the memory a model will need, before loading it), `bench --memory`
+and `--vram-budget` on generate and serve."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 _QUANT = ("fp8", "nvfp4", "int8")
@@ -74,3 +76,65 @@ def apply_budget(args: argparse.Namespace, options: Any, width: int | None, heig
     chosen, p = memory.fit_budget(args.model, options, args.vram_budget, width or size, height or size, device)
     sys.stderr.write(memory.describe(p, args.vram_budget) + "\n")
     return chosen
+
+
+def add_bench_flag(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--memory", action="store_true", help="measure the peak memory (RSS) of one image in each format "
+                   "(bf16, fp8, fp8 + int8 text encoder, GGUF Q4_K + Q8_0) and offload mode, beside the computed plan")
+
+
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    from kleinbild.bench import memory as bench_memory
+
+    res = bench_memory.run(args.preset, size=args.size, steps=args.steps,
+                           cache_dir=Path(args.cache_dir) if args.cache_dir else None, threads=args.threads or 2,
+                           say=lambda m: print(m, file=sys.stderr, flush=True))
+    print(bench_memory.format_table(res))
+    print(json.dumps(res))
+    return 0
+
+
+def add_quantize_parser(sub: Any, positive_int: Callable[[str], int]) -> None:
+    q = sub.add_parser("quantize", help="write a transformer as a quantized single file (fp8, nvfp4, int8), or "
+                       "measure weight memory (--report) and image quality (--quality)")
+    q.add_argument("model", nargs="?", help="the bf16 transformer: official or diffusers .safetensors, diffusers "
+                   "folder, preset")
+    q.add_argument("out", nargs="?", help="output .safetensors (default: MODEL-FORMAT.safetensors beside a file)")
+    q.add_argument("--format", "-f", choices=_QUANT, default="fp8")
+    q.add_argument("--report", action="store_true", help="print the transformer's weight bytes in bf16 and every "
+                   "format instead of writing a file")
+    q.add_argument("--quality", type=positive_int, metavar="N", help="shapes-world models: PSNR against bf16 and "
+                   "eval score per format (transformer, text encoder, GGUF Q8_0/Q5_0/Q4_0) on N prompts per task")
+    q.add_argument("--matmul", action="store_true", help="per-format matmul error and time of one klein-4b layer "
+                   "(3072 -> 9216) on this machine")
+    q.add_argument("--device")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from kleinbild import quantize
+
+    if args.matmul:
+        print(json.dumps(quantize.matmul_report()))
+        return 0
+    if not args.model:
+        raise ValueError("give the model to quantize: kleinbild quantize MODEL [OUT] --format fp8|nvfp4|int8")
+    if args.quality:
+        from kleinbild.nano.quality import quality_report
+
+        print(json.dumps(quality_report(args.model, n=args.quality, device=args.device, text_formats=_QUANT,
+                                        gguf_types=("Q8_0", "Q5_0", "Q4_0"))))
+        return 0
+    if args.report:
+        print(json.dumps(quantize.memory_report(args.model)))
+        return 0
+    out = args.out
+    if out is None:
+        src = Path(args.model)
+        if not src.is_file():
+            raise ValueError("give the output file: kleinbild quantize MODEL OUT.safetensors --format ...")
+        out = src.with_name(f"{src.stem}-{args.format}.safetensors")
+    res = quantize.quantize_file(args.model, Path(out), args.format)
+    print(out)
+    sys.stderr.write(f"{res['layers']} layers as {res['format']}, {res['bytes'] / 2**20:.1f} MiB, "
+                     f"{res['seconds']:.1f}s\n")
+    return 0

@@ -27,9 +27,11 @@ from torch import nn
 from kleinbild import gguf_file
 from kleinbild.autoencoder import AutoEncoder
 from kleinbild.components import text_quantizable
+from kleinbild.config import ModelPreset, get_preset
 from kleinbild.files import read_header, strip_prefix
+from kleinbild.ggml import GGML_TYPES
 from kleinbild.loading import LoadOptions, ModelFiles, _hf_text_key, locate_with
-from kleinbild.quant import FORMATS, check_format, default_quantizable, estimate_bytes
+from kleinbild.quant import FORMATS, GGML_QUANTIZED, check_format, default_quantizable, estimate_bytes
 from kleinbild.text_encoder import Qwen3TextEncoder, text_encoder_wanted_keys
 from kleinbild.transformer import Flux2Transformer
 
@@ -112,12 +114,45 @@ def _dit_weights(files: ModelFiles, quant: str | None, per: int, dtype: torch.dt
     rename = strip_prefix if files.dit_layout != "diffusers" else (lambda k: k)
     entries = _entries(files.dit_files, files.dit_layout, rename)
     in_file = _quantized(entries)
-    dit = _meta(lambda: Flux2Transformer(files.preset.dit))
-    largest = max((p.numel() for n, p in dit.named_parameters() if default_quantizable(n, tuple(p.shape))),
-                  default=0)
     if in_file:
-        return _stored(entries, lambda k: True, per), "+".join(in_file), largest
-    return estimate_bytes(dit, quant, dtype), quant, largest if quant else 0
+        return _stored(entries, lambda k: True, per), "+".join(in_file), _largest(files.preset)
+    return _dit_estimate(files.preset, quant, dtype)
+
+
+def _largest(preset: ModelPreset) -> int:
+    dit = _meta(lambda: Flux2Transformer(preset.dit))
+    return max((p.numel() for n, p in dit.named_parameters() if default_quantizable(n, tuple(p.shape))), default=0)
+
+
+def _ggml_estimate(model: nn.Module, type_name: str, per: int) -> int:
+    """Bytes of `model` as the GGUF converters write it: every 2-D weight whose rows split into blocks in
+    `type_name`, the rest in the load dtype."""
+    block, size = GGML_TYPES[type_name]
+    total = 0
+    for name, p in model.named_parameters():
+        blocks = p.ndim == 2 and name.endswith(".weight") and p.shape[-1] % block == 0
+        total += p.numel() // block * size if blocks else p.numel() * per
+    return total
+
+
+def _dit_estimate(preset: ModelPreset, quant: str | None, dtype: torch.dtype) -> tuple[int, str | None, int]:
+    per = torch.empty((), dtype=dtype).element_size()
+    dit = _meta(lambda: Flux2Transformer(preset.dit))
+    if quant in GGML_QUANTIZED:
+        return _ggml_estimate(dit, quant, per), quant, _largest(preset)
+    return estimate_bytes(dit, quant, dtype), quant, _largest(preset) if quant else 0
+
+
+def _text_estimate(preset: ModelPreset, text_quant: str | None, dtype: torch.dtype) -> int:
+    per = torch.empty((), dtype=dtype).element_size()
+    te = _meta(lambda: Qwen3TextEncoder(preset.text))
+    if text_quant in GGML_QUANTIZED:
+        return _ggml_estimate(te, text_quant, per)
+    if text_quant is None:
+        return estimate_bytes(te, None, dtype)
+    linears = estimate_bytes(te, text_quant, dtype, which=text_quantizable)
+    vocab, hidden = te.model.embed_tokens.weight.shape
+    return linears - vocab * hidden * per + vocab * hidden + 4 * vocab  # the int8 table
 
 
 def _text_weights(files: ModelFiles, text_quant: str | None, per: int, dtype: torch.dtype) -> tuple[int, str | None]:
@@ -131,11 +166,7 @@ def _text_weights(files: ModelFiles, text_quant: str | None, per: int, dtype: to
     in_file = _quantized(entries)
     if in_file:
         return _stored(entries, wanted, per), "+".join(in_file)
-    if text_quant is None:
-        return estimate_bytes(te, None, dtype), None
-    linears = estimate_bytes(te, text_quant, dtype, which=text_quantizable)
-    vocab, hidden = te.model.embed_tokens.weight.shape
-    return linears - vocab * hidden * per + vocab * hidden + 4 * vocab, text_quant  # the int8 table
+    return _text_estimate(files.preset, text_quant, dtype), text_quant
 
 
 def _jit_extra(fmt: str | None, largest: int, device: torch.device) -> int:
@@ -153,18 +184,36 @@ def _jit_extra(fmt: str | None, largest: int, device: torch.device) -> int:
 def plan(files: ModelFiles, *, quant: str | None = None, text_quant: str | None = None, offload: str = "none",
          width: int = 1024, height: int = 1024, dtype: torch.dtype = torch.bfloat16, source: str = "",
          device: str = "cuda") -> MemoryPlan:
-    """The memory plan of one configuration (see the module docstring)."""
+    """The memory plan of one configuration of located files (see the module docstring)."""
     quant = None if quant is None else check_format(quant)
     text_quant = None if text_quant is None else check_format(text_quant)
-    p = files.preset
     per = torch.empty((), dtype=dtype).element_size()
     dit_b, dit_fmt, largest = _dit_weights(files, quant, per, dtype)
     te_b, te_fmt = _text_weights(files, text_quant, per, dtype)
+    return _assemble(files.preset, dit_b, te_b, {"transformer": dit_fmt, "text_encoder": te_fmt}, largest,
+                     offload, width, height, dtype, device, source or str(files.dit_files[0]))
+
+
+def plan_preset(preset: str, *, quant: str | None = None, text_quant: str | None = None, offload: str = "none",
+                width: int = 1024, height: int = 1024, dtype: torch.dtype = torch.bfloat16,
+                device: str = "cuda") -> MemoryPlan:
+    """The plan of a preset's official shapes without any file: `quant` / `text_quant` may also name the GGML
+    type of a GGUF build ("Q4_K", "Q8_0"), counted as the converters lay it out."""
+    p = get_preset(preset)
+    dit_b, dit_fmt, largest = _dit_estimate(p, quant, dtype)
+    te_b = _text_estimate(p, text_quant, dtype)
+    return _assemble(p, dit_b, te_b, {"transformer": dit_fmt, "text_encoder": text_quant}, largest, offload, width,
+                     height, dtype, device, p.name)
+
+
+def _assemble(p: ModelPreset, dit_b: int, te_b: int, formats: dict[str, str | None], largest: int, offload: str,
+              width: int, height: int, dtype: torch.dtype, device: str, source: str) -> MemoryPlan:
+    per = torch.empty((), dtype=dtype).element_size()
     ae_b = sum(t.numel() for t in _meta(lambda: AutoEncoder(p.ae)).parameters()) * per
     weights = {"transformer": dit_b, "text_encoder": te_b, "autoencoder": ae_b}
     scale = per / 2
     tokens = (width // p.ae.downscale) * (height // p.ae.downscale) + p.text.max_length
-    jit = _jit_extra(dit_fmt, largest, torch.device(device))
+    jit = _jit_extra(formats["transformer"], largest, torch.device(device))
     working = {
         "text": int(p.text.max_length * p.text.hidden_size * TOKEN_BYTES_PER_HIDDEN * scale),
         "denoise": int(tokens * p.dit.hidden_size * TOKEN_BYTES_PER_HIDDEN * scale) + jit,
@@ -181,8 +230,9 @@ def plan(files: ModelFiles, *, quant: str | None = None, text_quant: str | None 
     host_peak = sum(weights.values()) + max(working.values())
     if offload != "none":  # the text encoder exists only while encoding
         host_peak = dit_b + ae_b + max(te_b + working["text"], working["denoise"], working["decode"])
-    return MemoryPlan(source or str(files.dit_files[0]), quant, text_quant, offload, width, height, weights, working,
-                      device_peak, host_peak, {"transformer": dit_fmt, "text_encoder": te_fmt})
+    q = formats["transformer"] if formats["transformer"] in FORMATS else None
+    tq = formats["text_encoder"] if formats["text_encoder"] in FORMATS else None
+    return MemoryPlan(source, q, tq, offload, width, height, weights, working, device_peak, host_peak, formats)
 
 
 # ---------------------------------------------------------------- fitting a budget
@@ -256,4 +306,4 @@ def format_table(plans: Sequence[MemoryPlan]) -> str:
     return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)) for r in rows)
 
 
-__all__ = ["CANDIDATES", "MemoryPlan", "describe", "fit_budget", "format_table", "plan"]
+__all__ = ["CANDIDATES", "MemoryPlan", "describe", "fit_budget", "format_table", "plan", "plan_preset"]

@@ -1,5 +1,7 @@
-"""Writing small GGUF files for tests with the `gguf` package's writer, the way the public converters lay them out:
-FLUX.2 transformers under the official names (ComfyUI-GGUF / stable-diffusion.cpp), Qwen3 under llama.cpp's."""
+"""Writing GGUF files with the `gguf` package's writer, laid out as the public converters lay them out: FLUX.2
+transformers under the official names (ComfyUI-GGUF / stable-diffusion.cpp), Qwen3 under llama.cpp's names with its
+tokenizer as llama.cpp's convert_hf_to_gguf.py stores it. For the memory benchmark and the tests: kleinbild itself
+reads GGUF files and does not make them."""
 
 from __future__ import annotations
 
@@ -49,9 +51,10 @@ def encode(t: torch.Tensor, type_name: str, seed: int = 0) -> tuple[np.ndarray, 
 
 
 def write(path: Path, tensors: Mapping[str, torch.Tensor], types: Callable[[str, torch.Tensor], str],
-          arch: str = "flux", meta: Callable[[GGUFWriter], None] | None = None) -> Path:
-    """One GGUF file; `types(name, tensor)` picks each tensor's GGML type."""
-    w = GGUFWriter(str(path), arch)
+          arch: str = "flux", meta: Callable[[GGUFWriter], None] | None = None, spool: bool = False) -> Path:
+    """One GGUF file; `types(name, tensor)` picks each tensor's GGML type. `spool`: through a temporary file, so a
+    large model is not held in memory until the end."""
+    w = GGUFWriter(str(path), arch, use_temp_file=spool)
     if meta is not None:
         meta(w)
     for i, (name, t) in enumerate(tensors.items()):

@@ -1,0 +1,155 @@
+"""`kleinbild bench --memory`: the peak memory of a generation in each format and offload mode, measured (the peak
+RSS of a fresh process that loads the model and makes one image) beside the plan `kleinbild memory` computes.
+
+The weights are seeded random values of a preset's real shapes (`bench.cpu.random_checkpoint`), so the numbers are
+the official files' sizes without their download. The quantized transformer files are written once: fp8 as
+`kleinbild quantize` writes it, Q4_K as a GGUF with every block-aligned 2-D weight in Q4_K; the Q8_0 text encoder
+as a llama.cpp GGUF (its tokenizer included). One sampling step suffices: the peak does not grow with steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# (label, transformer format, text encoder format): on-load names (fp8, int8) or a GGUF's type.
+CONFIGS = (("bf16", None, None), ("fp8 DiT", "fp8", None), ("fp8 DiT + int8 text", "fp8", "int8"),
+           ("Q4_K DiT + Q8_0 text", "Q4_K", "Q8_0"))
+OFFLOADS = ("none", "model")
+
+
+def _gguf_dit(folder: Path, out: Path, type_name: str) -> Path:
+    import torch
+
+    from kleinbild.bench.gguf_write import linear_type, write
+    from kleinbild.loading import read_transformer
+
+    if not out.is_file():
+        state = read_transformer(folder)
+        pick = linear_type(type_name, fallback="BF16")
+        # Random blocks of the right size stand in for the quantized values; the other tensors keep theirs.
+        write(out.with_suffix(".tmp"), {k: v.to(torch.bfloat16) for k, v in state.items()}, pick, spool=True)
+        out.with_suffix(".tmp").rename(out)
+    return out
+
+
+def _gguf_text(folder: Path, out: Path, type_name: str) -> Path:
+    from safetensors import safe_open
+
+    from kleinbild.bench.gguf_write import linear_type, llama_name, qwen3_meta, tokenizer_meta, write
+    from kleinbild.files import safetensors_files
+
+    if out.is_file():
+        return out
+    te = folder / "text_encoder"
+    config = json.loads((te / "config.json").read_text())
+    state = {}
+    for f in safetensors_files(te, "model"):
+        with safe_open(str(f), framework="pt") as fh:
+            state.update({llama_name(k): fh.get_tensor(k) for k in fh.keys() if k.startswith("model.layers.")
+                          or k == "model.embed_tokens.weight"})
+
+    def meta(w: Any) -> None:
+        qwen3_meta(config, config["num_hidden_layers"])(w)
+        tokenizer_meta(folder / "tokenizer", config["vocab_size"])(w)
+
+    write(out.with_suffix(".tmp"), state, linear_type(type_name, fallback="F32"), arch="qwen3", meta=meta, spool=True)
+    out.with_suffix(".tmp").rename(out)
+    return out
+
+
+def prepare(preset: str, folder: Path, say: Any = print) -> dict[str, dict[str, Any]]:
+    """The load arguments of each configuration, writing its files first where needed."""
+    from kleinbild.config import get_preset
+    from kleinbild.quantize import quantize_file
+
+    p = get_preset(preset)
+    stem = Path(p.dit_file).stem
+    fp8 = folder / f"{stem}-fp8.safetensors"
+    if not fp8.is_file():
+        say(f"writing {fp8} ...")
+        quantize_file(folder, fp8, "fp8")
+    say("writing the GGUF files (once) ...")
+    q4 = _gguf_dit(folder, folder / f"{stem}-Q4_K.gguf", "Q4_K")
+    q8 = _gguf_text(folder, folder / "qwen3-Q8_0.gguf", "Q8_0")
+    # The random folder's model_index does not name the preset: its taps and prompt length are passed on.
+    taps = {"text_layers": list(p.text.out_layers), "max_text_length": p.text.max_length}
+    parts = {"vae": str(folder / "vae"), "preset": p.name, **taps}
+    return {
+        "bf16": {"model": str(folder), **taps},
+        "fp8 DiT": {"model": str(fp8), "text_encoder": str(folder), **parts},
+        "fp8 DiT + int8 text": {"model": str(fp8), "text_encoder": str(folder), "text_quant": "int8", **parts},
+        "Q4_K DiT + Q8_0 text": {"model": str(q4), "text_encoder": str(q8), **parts},
+    }
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measured generation (run in a fresh process)."""
+    from kleinbild.pipeline import KleinPipeline
+
+    t0 = time.perf_counter()
+    load = {k: v for k, v in spec.items() if k not in ("model", "size", "steps")}
+    pipe = KleinPipeline.from_pretrained(spec["model"], device="cpu", **load)
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    pipe.generate("a red circle on a blue background", width=spec["size"], height=spec["size"], steps=spec["steps"],
+                  seed=0)
+    return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "after_load_rss": loaded,
+            "seconds": time.perf_counter() - t0, "quant": pipe.quant, "text_quant": pipe.text_quant}
+
+
+def _run_child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-m", "kleinbild.bench.memory", json.dumps(spec)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory run {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(preset: str = "klein-4b", size: int = 512, steps: int = 1, cache_dir: Path | None = None,
+        threads: int = 2, say: Any = print, offloads: tuple[str, ...] = OFFLOADS) -> dict[str, Any]:
+    """Every configuration x offload mode: measured peak RSS and the computed plan."""
+    from kleinbild import memory
+    from kleinbild.bench.cpu import random_checkpoint
+    from kleinbild.bench.serve import cpu_name
+    from kleinbild.loading import LoadOptions, locate_with
+
+    cache_dir = cache_dir or Path(os.environ.get("KLEINBILD_BENCH_CACHE", Path.home() / ".cache" / "kleinbild"))
+    folder = random_checkpoint(preset, cache_dir / f"random-{preset}-seed0", 0, say)
+    specs = prepare(preset, folder, say)
+    rows = []
+    for label, _, _ in CONFIGS:
+        for offload in offloads:
+            spec = {**specs[label], "offload_mode": offload, "size": size, "steps": steps}
+            say(f"{label}, offload {offload} ...")
+            got = _run_child(spec, threads)
+            given = {k: v for k, v in spec.items() if k in ("vae", "text_encoder", "preset", "max_text_length")}
+            opts = LoadOptions(**given, text_layers=tuple(spec["text_layers"]))
+            p = memory.plan(locate_with(spec["model"], opts), text_quant=spec.get("text_quant"), offload=offload,
+                            width=size, height=size, source=label, device="cpu")
+            rows.append({"config": label, "offload": offload, **got, "computed_host": p.peak_host,
+                         "computed_device": p.peak_device, "weights": p.weights})
+    return {"preset": preset, "size": size, "steps": steps, "threads": threads, "cpu": cpu_name(),
+            "machine": platform.machine(), "rows": rows}
+
+
+def format_table(res: dict[str, Any]) -> str:
+    gb = 1e9
+    lines = [f"{res['preset']} at {res['size']}x{res['size']}, {res['cpu']}, {res['threads']} threads",
+             "| configuration | offload | weights GB | computed peak (CPU) GB | measured peak RSS GB | computed peak "
+             "(GPU) GB |", "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['config']} | {r['offload']} | {sum(r['weights'].values()) / gb:.2f} | "
+                     f"{r['computed_host'] / gb:.2f} | {r['peak_rss'] / gb:.2f} | {r['computed_device'] / gb:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(json.dumps(child(json.loads(sys.argv[1]))))
