@@ -219,3 +219,44 @@ def test_text_quant_on_load_within_bounds(fmt, bound):
     assert pipe.text_quant == fmt and layers == ({"int8": linears + 1} if fmt == "int8" else {fmt: linears, "int8": 1})
     err = quant_err(pipe.encode_prompt(PROMPTS), ref)
     assert 0 < err < bound, err
+
+
+@pytest.mark.parametrize("prefix", ["model.", ""])
+def test_comfyui_fp8_text_encoder_file_loads_as_it_is(tmp_path, prefix):
+    """One .safetensors with fp8 linears and comfy_quant markers (ComfyUI's text-encoder files), tokenizer beside."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from kleinbild.components import text_quantizable
+    from kleinbild.config import get_preset
+    from kleinbild.loading import bundled_dir
+    from kleinbild.quant_file import save_quantized
+
+    folder = bundled_dir(get_preset("nano"))
+    te = folder / "text_encoder"
+    state = {k.removeprefix("model.") if not prefix else k: v for k, v in load_file(te / "model.safetensors").items()}
+    which = (lambda k, s: text_quantizable("model." + k, s)) if not prefix else text_quantizable
+    out = tmp_path / "qwen_3_nano_fp8_scaled.safetensors"
+    assert save_quantized(state, out, "fp8", which=which)["layers"] == 7 * 6
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(te / name, tmp_path / name)
+    ref = _nano(folder, text_encoder=te).encode_prompt(PROMPTS)
+    pipe = _nano(folder, text_encoder=out)
+    assert pipe.text_quant == "fp8" and pipe.files.text_files == [out]
+    assert 0 < quant_err(pipe.encode_prompt(PROMPTS), ref) < 0.04
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="holds no tokenizer"):
+        _nano(folder, text_encoder=out)
+
+
+def test_only_the_tapped_layers_are_read(tmp_path):
+    from kleinbild.text_encoder import text_encoder_wanted_keys
+
+    path, _ = _nano_text_gguf(tmp_path, "Q8_0")
+    from kleinbild.config import get_preset
+
+    cfg = get_preset("nano").text
+    state = gguf_file.text_state(path, text_encoder_wanted_keys(cfg))
+    layers = {int(k.split(".")[2]) for k in state if k.startswith("model.layers.")}
+    assert layers == set(range(cfg.layers_to_run)) and cfg.layers_to_run < cfg.num_layers

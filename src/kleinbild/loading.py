@@ -252,6 +252,8 @@ def _single_text_config(path: Path) -> dict:
         layer = "model.layers.0."
         head_dim = shapes[layer + "self_attn.q_norm.weight"][0]
         layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("model.layers."))
+        # Without the final norm the file is a cut-down export (as nano's): the full model had layers after these.
+        layers += "model.norm.weight" not in shapes
         return {"vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers, "head_dim": head_dim,
                 "num_attention_heads": shapes[layer + "self_attn.q_proj.weight"][0] // head_dim,
                 "num_key_value_heads": shapes[layer + "self_attn.k_proj.weight"][0] // head_dim,
