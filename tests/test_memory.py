@@ -109,3 +109,10 @@ def test_quality_report_covers_text_encoders_and_gguf():
     assert set(res) >= {"bfloat16", "int8", "text fp8", "gguf Q8_0"}
     assert 0 < res["text fp8"]["hidden_error"] < 0.05 and "hidden_error" not in res["int8"]
     assert res["gguf Q8_0"]["psnr_min"] > 20 and 0 <= res["gguf Q8_0"]["score"] <= 1
+
+
+def test_decoder_benchmark_compares_both_widths(capsys):
+    assert main(["bench", "--memory", "--decoders", "--size", "64", "--repeats", "1", "--threads", "1"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    entry = res["sizes"]["64"]
+    assert entry["standard"]["seconds"] > 0 and entry["small"]["seconds"] > 0 and entry["speedup"] > 0

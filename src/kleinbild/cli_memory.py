@@ -81,11 +81,16 @@ def apply_budget(args: argparse.Namespace, options: Any, width: int | None, heig
 def add_bench_flag(b: argparse.ArgumentParser) -> None:
     b.add_argument("--memory", action="store_true", help="measure the peak memory (RSS) of one image in each format "
                    "(bf16, fp8, fp8 + int8 text encoder, GGUF Q4_K + Q8_0) and offload mode, beside the computed plan")
+    b.add_argument("--decoders", action="store_true", help="with --memory: decode time and peak memory of the standard "
+                   "decoder against BFL's small one at --size")
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
     from kleinbild.bench import memory as bench_memory
 
+    if args.decoders:
+        print(json.dumps(bench_memory.decoder_report((args.size,), repeats=args.repeats, threads=args.threads or 2)))
+        return 0
     res = bench_memory.run(args.preset, size=args.size, steps=args.steps,
                            cache_dir=Path(args.cache_dir) if args.cache_dir else None, threads=args.threads or 2,
                            say=lambda m: print(m, file=sys.stderr, flush=True))

@@ -153,3 +153,62 @@ def format_table(res: dict[str, Any]) -> str:
 
 if __name__ == "__main__":
     print(json.dumps(child(json.loads(sys.argv[1]))))
+
+
+def decoder_report(sizes: tuple[int, ...] = (512, 1024), repeats: int = 3, threads: int = 2) -> dict[str, Any]:
+    """The standard FLUX.2 decoder against BFL's small one (base width 96), random weights, bf16 on the CPU: median
+    decode time (alternating, after a warm-up) and peak memory of each, each size in a fresh process."""
+    from kleinbild.bench.serve import cpu_name
+
+    rows = []
+    for size in sizes:
+        for r in range(repeats):
+            for width in (128, 96) if r % 2 == 0 else (96, 128):
+                rows.append(_run_decoder(size, width, threads))
+    out: dict[str, Any] = {"cpu": cpu_name(), "threads": threads, "repeats": repeats, "sizes": {}}
+    for size in sizes:
+        entry = {}
+        for width, name in ((128, "standard"), (96, "small")):
+            runs = [x for x in rows if x["size"] == size and x["width"] == width]
+            entry[name] = {"seconds": sorted(x["seconds"] for x in runs)[len(runs) // 2],
+                           "peak_rss": max(x["peak_rss"] for x in runs)}
+        entry["speedup"] = round(entry["standard"]["seconds"] / entry["small"]["seconds"], 3)
+        out["sizes"][str(size)] = entry
+    return out
+
+
+def _run_decoder(size: int, width: int, threads: int) -> dict[str, Any]:
+    code = (f"import json; from kleinbild.bench.memory import decode_once; "
+            f"print(json.dumps(decode_once({size}, {width})))")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"decoder run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def decode_once(size: int, width: int) -> dict[str, Any]:
+    import torch
+
+    from kleinbild.autoencoder import AutoEncoder
+    from kleinbild.config import AEConfig
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        ae = AutoEncoder(AEConfig(decoder_ch=None if width == 128 else width))
+    ae = ae.to_empty(device="cpu").to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for t in ae.parameters():
+            t.normal_(0, 0.02)
+        for name, b in ae.named_buffers():
+            b.fill_(1.0 if name.endswith("running_var") else 0.0)
+    ae.use_channels_last()
+    ae.use_subpixel_upsample()
+    z = torch.randn(1, ae.cfg.latent_channels, size // 16, size // 16, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ae.decode(z[:, :, :2, :2])
+        t0 = time.perf_counter()
+        ae.decode(z)
+        seconds = time.perf_counter() - t0
+    return {"size": size, "width": width, "seconds": seconds,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
