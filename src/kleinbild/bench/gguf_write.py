@@ -29,9 +29,16 @@ _HF_TO_LLAMA = {
 }
 
 
-def random_blocks(type_name: str, shape: tuple[int, ...], seed: int = 0, scale: float = 0.01) -> np.ndarray:
+# fp16 scales that give random blocks values of about +-0.02, the size of trained weights: the quants' range
+# (times the sub-block scales of the K-quants) divided out.
+_SCALE = {"Q8_0": 0.02 / 64, "Q4_0": 0.02 / 8, "Q4_1": 0.02 / 16, "Q5_0": 0.02 / 16, "Q5_1": 0.02 / 32,
+          "Q2_K": 0.02 / 24, "Q3_K": 0.02 / 64, "Q4_K": 0.02 / 256, "Q5_K": 0.02 / 512, "Q6_K": 0.02 / 1024}
+
+
+def random_blocks(type_name: str, shape: tuple[int, ...], seed: int = 0, scale: float | None = None) -> np.ndarray:
     """Valid random bytes of a quantized tensor: every bit pattern of the quants is legal, the fp16 scales are
-    set to small finite values."""
+    set to small finite values (by default, weights of about +-0.02)."""
+    scale = _SCALE[type_name] if scale is None else scale
     qtype = GGMLQuantizationType[type_name]
     block, size = GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(seed)
