@@ -60,28 +60,28 @@ def test_offload_lowers_the_device_peak():
 def test_budget_picks_the_first_plan_that_fits():
     opts = LoadOptions()
     full = memory.plan(locate_with("nano", opts), width=512, height=512)
-    chosen, p = memory.fit_budget("nano", opts, full.peak_device / memory.GB + 0.001, 512, 512)
+    chosen, p = memory.fit_budget("nano", opts, full.peak_device / memory.GIB + 0.001, 512, 512)
     assert (chosen.quant, chosen.text_quant, chosen.offload_mode) == (None, None, "none")
     model = memory.plan(locate_with("nano", opts), offload="model", width=512, height=512)
-    chosen, p = memory.fit_budget("nano", opts, (full.peak_device - 1) / memory.GB, 512, 512)
+    chosen, p = memory.fit_budget("nano", opts, (full.peak_device - 1) / memory.GIB, 512, 512)
     assert chosen.offload_mode == "model" and p.peak_device == model.peak_device
     chosen, _ = memory.fit_budget("nano", LoadOptions(quant="int8"), 100, 512, 512)
     assert chosen.quant == "int8"  # a format the user named is kept
-    with pytest.raises(ValueError, match=r"does not fit 0.001 GB at 512x512: the smallest plan .* needs"):
+    with pytest.raises(ValueError, match=r"does not fit 0.001 GiB at 512x512: the smallest plan .* needs"):
         memory.fit_budget("nano", opts, 0.001, 512, 512)
 
 
 def test_cli_memory_and_budget(tmp_path, capsys):
     assert main(["memory", "nano", "--width", "256", "--height", "256", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["size"] == "256x256" and out["weights_gb"]["total"] > 0
+    assert out["size"] == "256x256" and out["weights_gib"]["total"] > 0
     assert main(["memory", "nano", "--table"]) == 0
     table = capsys.readouterr().out
     assert table.count("\n") == 8 and "fp8" in table and "int8" in table
     rc = main(["generate", "a red circle", "--vram-budget", "0.05", "--device", "cpu", "--steps", "1", "--quiet",
                "-o", str(tmp_path / "a.png")])
     err = capsys.readouterr().err
-    assert rc == 0 and "memory budget 0.05 GB:" in err and (tmp_path / "a.png").is_file()
+    assert rc == 0 and "memory budget 0.05 GiB:" in err and (tmp_path / "a.png").is_file()
     assert main(["generate", "x", "--vram-budget", "0.0001", "-o", str(tmp_path / "b.png")]) == 2
     assert "does not fit" in capsys.readouterr().err
 

@@ -40,10 +40,13 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        # Without autograd the activations and the residual sum can work in place: the same values, and at full
+        # resolution two fewer image-sized tensors alive at once (training needs silu's input for its backward).
+        lean = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=lean))
+        h = self.conv2(F.silu(self.norm2(h), inplace=lean))
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return skip + h
+        return h.add_(skip) if lean else skip + h
 
 
 class AttnBlock(nn.Module):

@@ -33,7 +33,7 @@ def add_parser(sub: Any, add_source_flags: Callable[[argparse.ArgumentParser, st
 
 
 def add_budget_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vram-budget", type=float, metavar="GB", help="pick the offload mode (in place of --offload) and "
+    p.add_argument("--vram-budget", type=float, metavar="GiB", help="pick the offload mode (in place of --offload) and "
                    "the formats (keeping a --quant/--text-quant given) whose computed peak fits this much device "
                    "memory (host memory on the CPU), and say what was chosen")
 

@@ -5,10 +5,13 @@ shapes): a file's quantized tensors at their stored size; float tensors in the l
 `text_quant`, the layers those formats replace at the quantized size (`quant.estimate_bytes`). The text encoder
 counts only the layers up to its deepest tap, which is all that is read.
 
-Working memory per stage, in the compute dtype, from coefficients measured on the CPU (bf16, klein-4b shapes):
-a transformer pass holds ~80 bytes x hidden size per token (the text encoder the same per prompt token); the
-decoder ~14 bytes x its base width per output pixel; a weight that is dequantized just in time (GGUF, and fp8 /
-nvfp4 where the device has no native kernel) adds its largest layer, in float32 and the compute dtype for GGUF.
+Working memory per stage, in the compute dtype, from coefficients measured at klein-4b shapes in bf16 (peak
+memory minus resident weights): a transformer pass holds about T bytes x hidden size per token (the text encoder
+the same per prompt token), the decoder about P bytes x its base width per output pixel; T = 44, P = 20 on a GPU
+(peak allocated on an H200 at 1024x1024), T = 80, P = 14 on the CPU (peak RSS at 256-1024 px; oneDNN's weight
+copies and the channels-last sub-pixel decoder shift the balance). A weight that is dequantized just in time
+(GGUF, and fp8 / nvfp4 where the device has no native kernel) adds its largest layer, in float32 and the compute
+dtype for GGUF. Sizes are in GiB (2^30 bytes), the unit graphics cards are sold in.
 
 Peak: `none` holds every component plus the largest stage. `model` on an accelerator holds one component at a time
 (device memory); on the CPU the text encoder exists only while encoding. `sequential` on an accelerator holds the
@@ -35,9 +38,11 @@ from kleinbild.quant import FORMATS, GGML_QUANTIZED, check_format, default_quant
 from kleinbild.text_encoder import Qwen3TextEncoder, text_encoder_wanted_keys
 from kleinbild.transformer import Flux2Transformer
 
-GB = 1e9
-TOKEN_BYTES_PER_HIDDEN = 80  # working memory of a transformer pass, per token and unit of hidden size, in bf16
-PIXEL_BYTES_PER_CHANNEL = 14  # of a decode, per output pixel and decoder base channel, in bf16
+GIB = 2**30
+# Working memory in bf16 (see the module docstring): per token and unit of hidden size, per output pixel and
+# decoder base channel.
+TOKEN_BYTES = {"cuda": 44, "cpu": 80}
+PIXEL_BYTES = {"cuda": 20, "cpu": 14}
 _SIZES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "F8_E4M3": 1,
           "F8_E5M2": 1, "BOOL": 1}
 _KEEP = ("weight_scale", "weight_scale_2", "input_scale", "comfy_quant", "scale_weight", "scale_input")
@@ -54,17 +59,18 @@ class MemoryPlan:
     width: int
     height: int
     weights: dict[str, int]
-    working: dict[str, int]
+    working: dict[str, int]  # on an accelerator
     peak_device: int  # device memory on an accelerator
-    peak_host: int  # memory when the model runs on the CPU
+    peak_host: int  # memory when the model runs on the CPU (its own working-memory coefficients)
     formats: dict[str, str | None] = field(default_factory=dict)
+    working_host: dict[str, int] = field(default_factory=dict)  # on the CPU
 
     def summary(self) -> dict[str, Any]:
-        gb = {k: round(v / GB, 3) for k, v in {**self.weights, "total": sum(self.weights.values())}.items()}
+        gib = {k: round(v / GIB, 3) for k, v in {**self.weights, "total": sum(self.weights.values())}.items()}
         return {"model": self.model, "quant": self.quant, "text_quant": self.text_quant, "offload": self.offload,
-                "size": f"{self.width}x{self.height}", "weights_gb": gb,
-                "working_gb": {k: round(v / GB, 3) for k, v in self.working.items()},
-                "peak_device_gb": round(self.peak_device / GB, 3), "peak_host_gb": round(self.peak_host / GB, 3),
+                "size": f"{self.width}x{self.height}", "weights_gib": gib,
+                "working_gib": {k: round(v / GIB, 3) for k, v in self.working.items()},
+                "peak_device_gib": round(self.peak_device / GIB, 3), "peak_host_gib": round(self.peak_host / GIB, 3),
                 "formats": self.formats}
 
 
@@ -206,33 +212,60 @@ def plan_preset(preset: str, *, quant: str | None = None, text_quant: str | None
                      height, dtype, device, p.name)
 
 
+def _working(p: ModelPreset, width: int, height: int, per: int, kind: str, jit: int) -> dict[str, int]:
+    scale = per / 2
+    tokens = (width // p.ae.downscale) * (height // p.ae.downscale) + p.text.max_length
+    return {
+        "text": int(p.text.max_length * p.text.hidden_size * TOKEN_BYTES[kind] * scale),
+        "denoise": int(tokens * p.dit.hidden_size * TOKEN_BYTES[kind] * scale) + jit,
+        "decode": int(width * height * (p.ae.decoder_ch or p.ae.ch) * PIXEL_BYTES[kind] * scale),
+    }
+
+
+def _block_share(p: ModelPreset) -> tuple[float, float]:
+    """(share of the transformer's parameters in its blocks, share of the largest block)."""
+    dit = _meta(lambda: Flux2Transformer(p.dit))
+    total = sum(t.numel() for t in dit.parameters())
+    blocks = [*dit.double_blocks, *dit.single_blocks]
+    sizes = [sum(t.numel() for t in b.parameters()) for b in blocks]
+    return sum(sizes) / total, max(sizes) / total
+
+
 def _assemble(p: ModelPreset, dit_b: int, te_b: int, formats: dict[str, str | None], largest: int, offload: str,
               width: int, height: int, dtype: torch.dtype, device: str, source: str) -> MemoryPlan:
     per = torch.empty((), dtype=dtype).element_size()
     ae_b = sum(t.numel() for t in _meta(lambda: AutoEncoder(p.ae)).parameters()) * per
     weights = {"transformer": dit_b, "text_encoder": te_b, "autoencoder": ae_b}
-    scale = per / 2
-    tokens = (width // p.ae.downscale) * (height // p.ae.downscale) + p.text.max_length
-    jit = _jit_extra(formats["transformer"], largest, torch.device(device))
-    working = {
-        "text": int(p.text.max_length * p.text.hidden_size * TOKEN_BYTES_PER_HIDDEN * scale),
-        "denoise": int(tokens * p.dit.hidden_size * TOKEN_BYTES_PER_HIDDEN * scale) + jit,
-        "decode": int(width * height * (p.ae.decoder_ch or p.ae.ch) * PIXEL_BYTES_PER_CHANNEL * scale),
-    }
+    dev = _working(p, width, height, per, "cuda", _jit_extra(formats["transformer"], largest, torch.device(device)))
+    cpu = _working(p, width, height, per, "cpu", _jit_extra(formats["transformer"], largest, torch.device("cpu")))
     stage_weights = {"text": te_b, "denoise": dit_b, "decode": ae_b}
     if offload == "none":
-        device_peak = sum(weights.values()) + max(working.values())
+        device_peak = sum(weights.values()) + max(dev.values())
     elif offload == "model":
-        device_peak = max(stage_weights[s] + working[s] for s in working)
-    else:
-        block = dit_b // max(1, p.dit.depth + p.dit.depth_single) * 2  # a double block is about two single ones
-        device_peak = max(block + working["denoise"], ae_b + working["decode"], te_b // 8 + working["text"])
-    host_peak = sum(weights.values()) + max(working.values())
+        device_peak = max(stage_weights[s] + dev[s] for s in dev)
+    else:  # blocks and text-encoder layers visit one at a time; the rest of both stays on the device
+        in_blocks, one_block = _block_share(p)
+        embedding = _embedding_bytes(p, formats["text_encoder"], per)
+        resident = int(dit_b * (1 - in_blocks)) + embedding
+        layer = (te_b - embedding) // max(1, p.text.layers_to_run)
+        device_peak = resident + max(int(dit_b * one_block) + dev["denoise"], ae_b + dev["decode"],
+                                     layer + dev["text"])
+    host_peak = sum(weights.values()) + max(cpu.values())
     if offload != "none":  # the text encoder exists only while encoding
-        host_peak = dit_b + ae_b + max(te_b + working["text"], working["denoise"], working["decode"])
+        host_peak = dit_b + ae_b + max(te_b + cpu["text"], cpu["denoise"], cpu["decode"])
     q = formats["transformer"] if formats["transformer"] in FORMATS else None
     tq = formats["text_encoder"] if formats["text_encoder"] in FORMATS else None
-    return MemoryPlan(source, q, tq, offload, width, height, weights, working, device_peak, host_peak, formats)
+    return MemoryPlan(source, q, tq, offload, width, height, weights, dev, device_peak, host_peak, formats, cpu)
+
+
+def _embedding_bytes(p: ModelPreset, fmt: str | None, per: int) -> int:
+    n = p.text.vocab_size * p.text.hidden_size
+    if fmt is None:
+        return n * per
+    if fmt in GGML_QUANTIZED:
+        block, size = GGML_TYPES[fmt]
+        return n // block * size
+    return n + 4 * p.text.vocab_size  # int8 rows, whatever the layers' format
 
 
 # ---------------------------------------------------------------- fitting a budget
@@ -255,7 +288,7 @@ def fit_budget(model: str, options: LoadOptions, budget_gb: float, width: int, h
     """The first candidate whose computed peak fits `budget_gb` of device memory (host memory on the CPU), keeping
     the formats `options` names and `offload` if given. Raises ValueError naming the smallest plan when none fits."""
     if budget_gb <= 0:
-        raise ValueError(f"the memory budget must be positive, got {budget_gb} GB")
+        raise ValueError(f"the memory budget must be positive, got {budget_gb} GiB")
     files = locate_with(model, options)
     on_cpu = device == "cpu"
     best: MemoryPlan | None = None
@@ -274,34 +307,35 @@ def fit_budget(model: str, options: LoadOptions, budget_gb: float, width: int, h
             p = plan(files, text_quant=tq, offload=off, width=width, height=height, source=model, device=device)
             q = None
         peak = p.peak_host if on_cpu else p.peak_device
-        if peak <= budget_gb * GB:
+        if peak <= budget_gb * GIB:
             return replace(options, quant=q, text_quant=tq, offload_mode=off), p
         if best is None or peak < (best.peak_host if on_cpu else best.peak_device):
             best = p
     assert best is not None
-    need = (best.peak_host if on_cpu else best.peak_device) / GB
-    raise ValueError(f"{model} does not fit {budget_gb:g} GB at {width}x{height}: the smallest plan "
-                     f"(quant {best.quant}, text quant {best.text_quant}, offload {best.offload}) needs {need:.1f} GB; "
-                     "use a smaller size, a GGUF transformer, or more memory")
+    need = (best.peak_host if on_cpu else best.peak_device) / GIB
+    raise ValueError(f"{model} does not fit {budget_gb:g} GiB at {width}x{height}: the smallest plan (quant "
+                     f"{best.quant}, text quant {best.text_quant}, offload {best.offload}) needs {need:.1f} GiB; use a "
+                     "smaller size, a GGUF transformer, or more memory")
 
 
 def describe(p: MemoryPlan, budget_gb: float | None = None) -> str:
     """One line saying what was chosen and why."""
     flags = " ".join(f"--{k} {v}" for k, v in (("quant", p.quant), ("text-quant", p.text_quant),
                                                ("offload", p.offload)) if v)
-    head = f"memory budget {budget_gb:g} GB: " if budget_gb is not None else ""
-    return (f"{head}{flags or 'full precision, no offload'}; computed peak {p.peak_device / GB:.1f} GB on a GPU, "
-            f"{p.peak_host / GB:.1f} GB on the CPU at {p.width}x{p.height}")
+    head = f"memory budget {budget_gb:g} GiB: " if budget_gb is not None else ""
+    return (f"{head}{flags or 'full precision, no offload'}; computed peak {p.peak_device / GIB:.1f} GiB on a GPU, "
+            f"{p.peak_host / GIB:.1f} GiB on the CPU at {p.width}x{p.height}")
 
 
 def format_table(plans: Sequence[MemoryPlan]) -> str:
     """A plain-text table of several plans."""
-    rows = [("transformer", "text encoder", "offload", "DiT GB", "text GB", "AE GB", "peak GPU GB", "peak CPU GB")]
+    rows = [("transformer", "text encoder", "offload", "DiT GiB", "text GiB", "AE GiB", "peak GPU GiB",
+             "peak CPU GiB")]
     for p in plans:
         w = p.weights
         rows.append((p.formats.get("transformer") or "bf16", p.formats.get("text_encoder") or "bf16", p.offload,
-                     f"{w['transformer'] / GB:.2f}", f"{w['text_encoder'] / GB:.2f}", f"{w['autoencoder'] / GB:.2f}",
-                     f"{p.peak_device / GB:.2f}", f"{p.peak_host / GB:.2f}"))
+                     *(f"{w[c] / GIB:.2f}" for c in ("transformer", "text_encoder", "autoencoder")),
+                     f"{p.peak_device / GIB:.2f}", f"{p.peak_host / GIB:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)) for r in rows)
 

@@ -141,13 +141,13 @@ def run(preset: str = "klein-4b", size: int = 512, steps: int = 1, cache_dir: Pa
 
 
 def format_table(res: dict[str, Any]) -> str:
-    gb = 1e9
+    gib = 2**30
     lines = [f"{res['preset']} at {res['size']}x{res['size']}, {res['cpu']}, {res['threads']} threads",
-             "| configuration | offload | weights GB | computed peak (CPU) GB | measured peak RSS GB | computed peak "
-             "(GPU) GB |", "|---|---|---|---|---|---|"]
+             "| configuration | offload | weights GiB | computed peak (CPU) GiB | measured peak RSS GiB | computed "
+             "peak (GPU) GiB |", "|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        lines.append(f"| {r['config']} | {r['offload']} | {sum(r['weights'].values()) / gb:.2f} | "
-                     f"{r['computed_host'] / gb:.2f} | {r['peak_rss'] / gb:.2f} | {r['computed_device'] / gb:.2f} |")
+        lines.append(f"| {r['config']} | {r['offload']} | {sum(r['weights'].values()) / gib:.2f} | "
+                     f"{r['computed_host'] / gib:.2f} | {r['peak_rss'] / gib:.2f} | {r['computed_device'] / gib:.2f} |")
     return "\n".join(lines)
 
 
