@@ -49,9 +49,14 @@ def test_gguf_weights_are_counted_as_stored(tmp_path):
 
 
 def test_offload_lowers_the_device_peak():
+    big = {m: memory.plan_preset("klein-4b", offload=m) for m in ("none", "model", "sequential")}
+    assert big["none"].peak_device > big["model"].peak_device > big["sequential"].peak_device
+    # The H200 measurement the GPU coefficients come from (GiB allocated, 1024x1024): 15.7, 7.8 and, not used to
+    # set them, 3.8.
+    for mode, measured in (("none", 15.7), ("model", 7.8), ("sequential", 3.8)):
+        assert abs(big[mode].peak_device / memory.GIB - measured) < 0.2, mode
     files = locate_with("nano", LoadOptions())
-    plans = {m: memory.plan(files, offload=m, width=512, height=512) for m in ("none", "model", "sequential")}
-    assert plans["none"].peak_device > plans["model"].peak_device >= plans["sequential"].peak_device
+    plans = {m: memory.plan(files, offload=m, width=512, height=512) for m in ("none", "model")}
     w = plans["none"].weights
     assert plans["model"].peak_device == max(w[c] + plans["model"].working[s] for c, s in (
         ("text_encoder", "text"), ("transformer", "denoise"), ("autoencoder", "decode")))
