@@ -121,3 +121,10 @@ def test_decoder_benchmark_compares_both_widths(capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     entry = res["sizes"]["64"]
     assert entry["standard"]["seconds"] > 0 and entry["small"]["seconds"] > 0 and entry["speedup"] > 0
+
+
+def test_dequant_benchmark_runs_small():
+    from kleinbild.bench.memory import dequant_report
+
+    res = dequant_report(("Q8_0", "Q4_K"), m=4, k=256, n=64, repeats=1)
+    assert res["Q4_K"]["bytes"] == 64 * 144 and res["Q8_0"]["ratio"] > 0 and res["bf16"]["seconds"] > 0

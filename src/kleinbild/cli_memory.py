@@ -83,11 +83,16 @@ def add_bench_flag(b: argparse.ArgumentParser) -> None:
                    "(bf16, fp8, fp8 + int8 text encoder, GGUF Q4_K + Q8_0) and offload mode, beside the computed plan")
     b.add_argument("--decoders", action="store_true", help="with --memory: decode time and peak memory of the standard "
                    "decoder against BFL's small one at --size")
+    b.add_argument("--dequant", action="store_true", help="with --memory: a GGUF layer's time per matmul (Q8_0, "
+                   "Q4_K, Q6_K dequantized just in time) against bf16")
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
     from kleinbild.bench import memory as bench_memory
 
+    if args.dequant:
+        print(json.dumps(bench_memory.dequant_report()))
+        return 0
     if args.decoders:
         print(json.dumps(bench_memory.decoder_report((args.size,), repeats=args.repeats, threads=args.threads or 2)))
         return 0

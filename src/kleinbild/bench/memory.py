@@ -212,3 +212,38 @@ def decode_once(size: int, width: int) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
     return {"size": size, "width": width, "seconds": seconds,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def dequant_report(types: tuple[str, ...] = ("Q8_0", "Q4_K", "Q6_K"), m: int = 1536, k: int = 3072, n: int = 9216,
+                   repeats: int = 5) -> dict[str, Any]:
+    """What a GGUF layer costs per matmul against bf16 on this machine: one (m x k) @ (k x n) linear (klein-4b's
+    MLP input at 512x512), its weight dequantized just in time; medians over `repeats`."""
+    import torch
+    import torch.nn.functional as F
+
+    from kleinbild.bench.gguf_write import random_blocks
+    from kleinbild.bench.serve import cpu_name
+    from kleinbild.quant import QuantLinear, QuantWeight
+
+    def median(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(0)).bfloat16()
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(1)).bfloat16() * 0.02
+    out: dict[str, Any] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "shape": [m, k, n]}
+    with torch.inference_mode():
+        out["bf16"] = {"seconds": median(lambda: F.linear(x, w))}
+        for t in types:
+            layer = QuantLinear(QuantWeight(t, (n, k), torch.from_numpy(random_blocks(t, (n, k))), torch.ones(())))
+            entry = {"seconds": median(lambda layer=layer: layer(x)),
+                     "dequantize_seconds": median(lambda layer=layer: layer.dequantize(torch.bfloat16)),
+                     "bytes": layer.qdata.numel()}
+            entry["ratio"] = round(entry["seconds"] / out["bf16"]["seconds"], 3)
+            out[t] = entry
+    return out
