@@ -48,6 +48,18 @@ def test_gguf_weights_are_counted_as_stored(tmp_path):
                                               device="cpu").working["denoise"]  # the dequantized layer counts
 
 
+def test_gguf_text_encoder_counted_as_stored(tmp_path):
+    from test_gguf import _nano_text_gguf
+
+    path, folder = _nano_text_gguf(tmp_path, "Q8_0")
+    opts = LoadOptions(vae=folder / "ae.safetensors", text_encoder=path, preset="nano")
+    model = folder / "flux-2-nano.safetensors"
+    p = memory.plan(locate_with(model, opts), width=128, height=128)
+    pipe = KleinPipeline.from_pretrained(model, opts, device="cpu")
+    want = weight_bytes(pipe.text_encoder)
+    assert p.formats["text_encoder"] == "Q8_0" and abs(p.weights["text_encoder"] - want) <= 0.01 * want
+
+
 def test_offload_lowers_the_device_peak():
     big = {m: memory.plan_preset("klein-4b", offload=m) for m in ("none", "model", "sequential")}
     assert big["none"].peak_device > big["model"].peak_device > big["sequential"].peak_device
