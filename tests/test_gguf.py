@@ -260,3 +260,18 @@ def test_only_the_tapped_layers_are_read(tmp_path):
     state = gguf_file.text_state(path, text_encoder_wanted_keys(cfg))
     layers = {int(k.split(".")[2]) for k in state if k.startswith("model.layers.")}
     assert layers == set(range(cfg.layers_to_run)) and cfg.layers_to_run < cfg.num_layers
+
+
+def test_comfyui_original_shapes_are_restored(tmp_path):
+    from gguf import GGUFWriter
+
+    path = tmp_path / "flat.gguf"
+    w = GGUFWriter(str(path), "flux")
+    w.add_array("comfy.gguf.orig_shape.a.weight", [3, 4])
+    w.add_tensor("a.weight", np.arange(12, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    t = gguf_file.tensors(path)["a.weight"]
+    assert t.shape == (3, 4) and torch.equal(t.data, torch.arange(12.0).reshape(3, 4))
