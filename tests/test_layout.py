@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "kleinbild"
 SHELLS = ("kleinbild.serve", "kleinbild.nano", "kleinbild.bench", "kleinbild.cli", "kleinbild.cli_train",
-          "kleinbild.__main__")
+          "kleinbild.cli_memory", "kleinbild.__main__")
 
 
 def module_name(path: Path) -> str:
