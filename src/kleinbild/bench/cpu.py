@@ -280,8 +280,21 @@ def _pipeline_files(p: ModelPreset, folder: Path, seed: int) -> None:
 # ---------------------------------------------------------------- one measured run (child process)
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes. Linux's VmHWM belongs to the address space, which exec makes
+    anew; getrusage's ru_maxrss survives exec, so a child started by a large parent would report the parent's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    return peak_rss() / 2**30
 
 
 def child(engine: str, folder: str, size: int, steps: int, dtype: str, text_layers: list[int],

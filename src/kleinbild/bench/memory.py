@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from kleinbild.bench.cpu import peak_rss
 
 # (label, transformer format, text encoder format): on-load names (fp8, int8) or a GGUF's type.
 CONFIGS = (("bf16", None, None), ("fp8 DiT", "fp8", None), ("fp8 DiT + int8 text", "fp8", "int8"),
@@ -97,11 +98,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     load = {k: v for k, v in spec.items() if k not in ("model", "size", "steps")}
     pipe = KleinPipeline.from_pretrained(spec["model"], device="cpu", **load)
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    loaded = peak_rss()
     pipe.generate("a red circle on a blue background", width=spec["size"], height=spec["size"], steps=spec["steps"],
                   seed=0)
-    return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "after_load_rss": loaded,
-            "seconds": time.perf_counter() - t0, "quant": pipe.quant, "text_quant": pipe.text_quant}
+    return {"peak_rss": peak_rss(), "after_load_rss": loaded, "seconds": time.perf_counter() - t0,
+            "quant": pipe.quant, "text_quant": pipe.text_quant}
 
 
 def _run_child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
@@ -210,8 +211,7 @@ def decode_once(size: int, width: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         ae.decode(z)
         seconds = time.perf_counter() - t0
-    return {"size": size, "width": width, "seconds": seconds,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"size": size, "width": width, "seconds": seconds, "peak_rss": peak_rss()}
 
 
 def dequant_report(types: tuple[str, ...] = ("Q8_0", "Q4_K", "Q6_K"), m: int = 1536, k: int = 3072, n: int = 9216,
