@@ -12,3 +12,8 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 python3 -m kleinbild.cli bench --preset "${PRESET:-klein-4b}" --random-weights --device cuda --size "${SIZE:-1024}" \
   --steps 4 --repeats "${REPEATS:-5}" --vs diffusers --compile 2>&1 | tee "$OUT/bench.log"
 tail -1 "$OUT/bench.log" > "$OUT/bench.json"
+# Peak VRAM of each format and offload mode beside the computed plan (needs the gguf wheel in .whl as well).
+python3 -m kleinbild.cli bench --memory --preset "${PRESET:-klein-4b}" --device cuda --size "${SIZE:-1024}" \
+  --steps 1 2>&1 | tee "$OUT/memory.log"
+tail -1 "$OUT/memory.log" > "$OUT/memory.json"
+python3 -m kleinbild.cli bench --memory --dequant --device cuda 2>&1 | tee "$OUT/dequant.json"

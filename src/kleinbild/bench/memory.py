@@ -93,16 +93,22 @@ def prepare(preset: str, folder: Path, say: Any = print) -> dict[str, dict[str, 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One measured generation (run in a fresh process)."""
+    import torch
+
     from kleinbild.pipeline import KleinPipeline
 
     t0 = time.perf_counter()
     load = {k: v for k, v in spec.items() if k not in ("model", "size", "steps")}
-    pipe = KleinPipeline.from_pretrained(spec["model"], device="cpu", **load)
+    pipe = KleinPipeline.from_pretrained(spec["model"], **{"device": "cpu", **load})
     loaded = peak_rss()
     pipe.generate("a red circle on a blue background", width=spec["size"], height=spec["size"], steps=spec["steps"],
                   seed=0)
-    return {"peak_rss": peak_rss(), "after_load_rss": loaded, "seconds": time.perf_counter() - t0,
-            "quant": pipe.quant, "text_quant": pipe.text_quant}
+    out = {"peak_rss": peak_rss(), "after_load_rss": loaded, "seconds": time.perf_counter() - t0,
+           "quant": pipe.quant, "text_quant": pipe.text_quant}
+    if pipe.device.type == "cuda":  # the process's whole life: loading and one image
+        out["peak_vram"] = torch.cuda.max_memory_allocated(pipe.device)
+        out["peak_vram_reserved"] = torch.cuda.max_memory_reserved(pipe.device)
+    return out
 
 
 def _run_child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
@@ -115,8 +121,9 @@ def _run_child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
 
 
 def run(preset: str = "klein-4b", size: int = 512, steps: int = 1, cache_dir: Path | None = None,
-        threads: int = 2, say: Any = print, offloads: tuple[str, ...] = OFFLOADS) -> dict[str, Any]:
-    """Every configuration x offload mode: measured peak RSS and the computed plan."""
+        threads: int = 2, say: Any = print, offloads: tuple[str, ...] = OFFLOADS, device: str = "cpu"
+        ) -> dict[str, Any]:
+    """Every configuration x offload mode: measured peak RSS (and peak VRAM on a GPU) and the computed plan."""
     from kleinbild import memory
     from kleinbild.bench.cpu import random_checkpoint
     from kleinbild.bench.serve import cpu_name
@@ -128,17 +135,17 @@ def run(preset: str = "klein-4b", size: int = 512, steps: int = 1, cache_dir: Pa
     rows = []
     for label, _, _ in CONFIGS:
         for offload in offloads:
-            spec = {**specs[label], "offload_mode": offload, "size": size, "steps": steps}
+            spec = {**specs[label], "offload_mode": offload, "size": size, "steps": steps, "device": device}
             say(f"{label}, offload {offload} ...")
             got = _run_child(spec, threads)
             given = {k: v for k, v in spec.items() if k in ("vae", "text_encoder", "preset", "max_text_length")}
             opts = LoadOptions(**given, text_layers=tuple(spec["text_layers"]))
             p = memory.plan(locate_with(spec["model"], opts), text_quant=spec.get("text_quant"), offload=offload,
-                            width=size, height=size, source=label, device="cpu")
+                            width=size, height=size, source=label, device=device if device != "cpu" else "cuda")
             rows.append({"config": label, "offload": offload, **got, "computed_host": p.peak_host,
                          "computed_device": p.peak_device, "weights": p.weights})
     return {"preset": preset, "size": size, "steps": steps, "threads": threads, "cpu": cpu_name(),
-            "machine": platform.machine(), "rows": rows}
+            "machine": platform.machine(), "device": device, "rows": rows}
 
 
 def format_table(res: dict[str, Any]) -> str:
@@ -146,9 +153,14 @@ def format_table(res: dict[str, Any]) -> str:
     lines = [f"{res['preset']} at {res['size']}x{res['size']}, {res['cpu']}, {res['threads']} threads",
              "| configuration | offload | weights GiB | computed peak (CPU) GiB | measured peak RSS GiB | computed "
              "peak (GPU) GiB |", "|---|---|---|---|---|---|"]
+    gpu = any("peak_vram" in r for r in res["rows"])
+    if gpu:
+        lines[1] += " measured peak VRAM (allocated / reserved) GiB |"
+        lines[2] += "---|"
     for r in res["rows"]:
         lines.append(f"| {r['config']} | {r['offload']} | {sum(r['weights'].values()) / gib:.2f} | "
-                     f"{r['computed_host'] / gib:.2f} | {r['peak_rss'] / gib:.2f} | {r['computed_device'] / gib:.2f} |")
+                     f"{r['computed_host'] / gib:.2f} | {r['peak_rss'] / gib:.2f} | {r['computed_device'] / gib:.2f} |"
+                     + (f" {r['peak_vram'] / gib:.2f} / {r['peak_vram_reserved'] / gib:.2f} |" if gpu else ""))
     return "\n".join(lines)
 
 
@@ -215,7 +227,7 @@ def decode_once(size: int, width: int) -> dict[str, Any]:
 
 
 def dequant_report(types: tuple[str, ...] = ("Q8_0", "Q4_K", "Q6_K"), m: int = 1536, k: int = 3072, n: int = 9216,
-                   repeats: int = 5) -> dict[str, Any]:
+                   repeats: int = 5, device: str = "cpu") -> dict[str, Any]:
     """What a GGUF layer costs per matmul against bf16 on this machine: one (m x k) @ (k x n) linear (klein-4b's
     MLP input at 512x512), its weight dequantized just in time; medians over `repeats`."""
     import torch
@@ -225,22 +237,30 @@ def dequant_report(types: tuple[str, ...] = ("Q8_0", "Q4_K", "Q6_K"), m: int = 1
     from kleinbild.bench.serve import cpu_name
     from kleinbild.quant import QuantLinear, QuantWeight
 
+    dev = torch.device(device)
+
     def median(fn: Any) -> float:
         fn()
         times = []
         for _ in range(repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             t0 = time.perf_counter()
             fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2]
 
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(0)).bfloat16()
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(1)).bfloat16() * 0.02
-    out: dict[str, Any] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "shape": [m, k, n]}
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(0)).bfloat16().to(dev)
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(1)).bfloat16() * 0.02).to(dev)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+    out: dict[str, Any] = {"device": name, "threads": torch.get_num_threads(), "shape": [m, k, n]}
     with torch.inference_mode():
         out["bf16"] = {"seconds": median(lambda: F.linear(x, w))}
         for t in types:
-            layer = QuantLinear(QuantWeight(t, (n, k), torch.from_numpy(random_blocks(t, (n, k))), torch.ones(())))
+            raw = torch.from_numpy(random_blocks(t, (n, k)))
+            layer = QuantLinear(QuantWeight(t, (n, k), raw, torch.ones(()))).to(dev)
             entry = {"seconds": median(lambda layer=layer: layer(x)),
                      "dequantize_seconds": median(lambda layer=layer: layer.dequantize(torch.bfloat16)),
                      "bytes": layer.qdata.numel()}
