@@ -107,9 +107,10 @@ def _file_mappings() -> list[tuple[int, int, str]]:
 
 
 def release_file_pages(tensors: Iterable[Tensor]) -> int:
-    """Drop this process's resident pages under tensors that are views of a memory-mapped .safetensors file
-    (madvise DONTNEED; Linux only). A later read would fault them in again from the file, so this never changes a
-    value; tensors in anonymous memory are left alone (there the call would zero them). Returns bytes released."""
+    """Drop this process's resident pages under tensors that are views of a memory-mapped .safetensors or .gguf
+    file (madvise DONTNEED; Linux only). kleinbild never writes to these mappings, so a later read faults the same
+    values in again from the file; tensors in anonymous memory are left alone (there the call would zero them).
+    Returns bytes released."""
     import ctypes
     import mmap
     import sys
@@ -126,7 +127,7 @@ def release_file_pages(tensors: Iterable[Tensor]) -> int:
     for t in tensors:
         start = t.data_ptr()
         end = start + t.numel() * t.element_size()
-        if not any(lo <= start and end <= hi and path.endswith(".safetensors") for lo, hi, path in maps):
+        if not any(lo <= start and end <= hi and path.endswith((".safetensors", ".gguf")) for lo, hi, path in maps):
             continue
         a, b = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
         if b > a and madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4) == 0:  # 4: MADV_DONTNEED

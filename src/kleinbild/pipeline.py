@@ -17,6 +17,7 @@ from kleinbild import components, lora, lora_host, masking, offload, sampling
 from kleinbild.autoencoder import AutoEncoder
 from kleinbild.cache import ContentCache, cached_latents, cached_prompts
 from kleinbild.config import ModelPreset
+from kleinbild.files import release_file_pages
 from kleinbild.images import MAX_PIXELS, InputError, to_pil, to_tensor
 from kleinbild.loading import LoadOptions, ModelFiles, load_tokenizer, locate_with, pick_device, pick_dtype
 from kleinbild.masking import MaskInput
@@ -257,7 +258,11 @@ class KleinPipeline:
         else:
             out = te(ids.to(self.device), mask.to(self.device)).to(self.dtype)
         if self.offload != "none" and self._can_reload:
-            self._text_encoder = None  # its touched pages go back to the page cache, out of this process
+            # Its touched pages go back to the page cache, out of this process; a GGUF's mapping outlives the
+            # tensors (the file's reader is kept for the next load), so its pages are released explicitly.
+            if self.files is not None and self.files.text_layout == "gguf":
+                release_file_pages([*te.parameters(), *te.buffers()])
+            self._text_encoder = None
         return check_finite(out, "text encoder", self.dtype)  # before any cache can keep it
 
     def prompt_tokens(self, prompt: str) -> int:
