@@ -121,8 +121,8 @@ def _run_child(spec: dict[str, Any], threads: int) -> dict[str, Any]:
 
 
 def run(preset: str = "klein-4b", size: int = 512, steps: int = 1, cache_dir: Path | None = None,
-        threads: int = 2, say: Any = print, offloads: tuple[str, ...] = OFFLOADS, device: str = "cpu"
-        ) -> dict[str, Any]:
+        threads: int = 2, say: Any = print, offloads: tuple[str, ...] = OFFLOADS, device: str = "cpu",
+        configs: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Every configuration x offload mode: measured peak RSS (and peak VRAM on a GPU) and the computed plan."""
     from kleinbild import memory
     from kleinbild.bench.cpu import random_checkpoint
@@ -133,7 +133,7 @@ def run(preset: str = "klein-4b", size: int = 512, steps: int = 1, cache_dir: Pa
     folder = random_checkpoint(preset, cache_dir / f"random-{preset}-seed0", 0, say)
     specs = prepare(preset, folder, say)
     rows = []
-    for label, _, _ in CONFIGS:
+    for label in configs or [c for c, _, _ in CONFIGS]:
         for offload in offloads:
             spec = {**specs[label], "offload_mode": offload, "size": size, "steps": steps, "device": device}
             say(f"{label}, offload {offload} ...")
