@@ -140,3 +140,14 @@ def test_dequant_benchmark_runs_small():
 
     res = dequant_report(("Q8_0", "Q4_K"), m=4, k=256, n=64, repeats=1)
     assert res["Q4_K"]["bytes"] == 64 * 144 and res["Q8_0"]["ratio"] > 0 and res["bf16"]["seconds"] > 0
+
+
+def test_cli_memory_of_a_preset_not_on_this_machine(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: klein-9b is nowhere here
+    assert main(["memory", "klein-9b", "--quant", "Q4_K", "--text-quant", "Q8_0", "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "computed from its official shapes" in captured.err
+    assert out["formats"] == {"transformer": "Q4_K", "text_encoder": "Q8_0"}
+    want = memory.plan_preset("klein-9b", quant="Q4_K", text_quant="Q8_0")
+    assert out["peak_device_gib"] == round(want.peak_device / memory.GIB, 3) and 4 < out["weights_gib"]["transformer"] < 6

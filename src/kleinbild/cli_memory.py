@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 _QUANT = ("fp8", "nvfp4", "int8")
-# The combinations `--table` prints: (quant, text quant) x offload.
-_TABLE = ((None, None), ("fp8", None), ("fp8", "int8"))
+_GGUF = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+# The combinations `--table` prints: (quant, text quant) x offload; the GGUF row only for a preset's shapes.
+_TABLE = ((None, None), ("fp8", None), ("fp8", "int8"), ("Q4_K", "Q8_0"))
 
 
 def add_parser(sub: Any, add_source_flags: Callable[[argparse.ArgumentParser, str | None], None],
@@ -21,8 +22,9 @@ def add_parser(sub: Any, add_source_flags: Callable[[argparse.ArgumentParser, st
                        "from its files before loading")
     m.add_argument("model_arg", nargs="?", metavar="MODEL", help="the model (as --model)")
     add_source_flags(m, None)
-    m.add_argument("--quant", choices=_QUANT, help="with the transformer quantized on load")
-    m.add_argument("--text-quant", choices=_QUANT, help="with the text encoder quantized on load")
+    m.add_argument("--quant", choices=_QUANT + _GGUF, help="with the transformer quantized on load (or, for a preset "
+                   "not on this machine, as a GGUF of that type)")
+    m.add_argument("--text-quant", choices=_QUANT + _GGUF, help="the same for the text encoder")
     m.add_argument("--offload", choices=("none", "model", "sequential"), default="none")
     m.add_argument("--width", type=positive_int, default=1024)
     m.add_argument("--height", type=positive_int, default=1024)
@@ -43,14 +45,23 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from kleinbild.loading import LoadOptions, locate_with, pick_dtype
 
     model = args.model_arg or args.model or "nano"
-    files = locate_with(model, LoadOptions(vae=args.vae, text_encoder=args.text_encoder, preset=args.preset))
     combos = [(q, t, off) for q, t in _TABLE for off in ("none", "model")] if args.table else [
         (args.quant, args.text_quant, args.offload)]
+    size = {"width": args.width, "height": args.height, "dtype": pick_dtype(args.dtype)}
+    files = None if _preset_elsewhere(model) else locate_with(model, LoadOptions(
+        vae=args.vae, text_encoder=args.text_encoder, preset=args.preset))
+    if files is None:
+        sys.stderr.write(f"{model} is not on this machine: computed from its official shapes\n")
     plans = []
     for q, t, off in combos:
         try:
-            plans.append(memory.plan(files, quant=q, text_quant=t, offload=off, width=args.width, height=args.height,
-                                     dtype=pick_dtype(args.dtype), source=str(model)))
+            if files is None:
+                plans.append(memory.plan_preset(model, quant=q, text_quant=t, offload=off, **size))
+            elif q in _GGUF or t in _GGUF:
+                if not args.table:
+                    raise ValueError(f"{model} is on this machine: a GGUF's type comes from the file; give the .gguf")
+            else:
+                plans.append(memory.plan(files, quant=q, text_quant=t, offload=off, source=str(model), **size))
         except ValueError:
             if not args.table:
                 raise
@@ -61,6 +72,14 @@ def cmd_memory(args: argparse.Namespace) -> int:
         print(f"{model} at {args.width}x{args.height}, {args.dtype}:")
         print(memory.format_table(plans))
     return 0
+
+
+def _preset_elsewhere(model: str) -> bool:
+    """A preset name whose weights are not on this machine (the plan then needs no file)."""
+    from kleinbild.config import PRESETS
+    from kleinbild.loading import where_is
+
+    return model.lower() in PRESETS and where_is(PRESETS[model.lower()]) is None
 
 
 def apply_budget(args: argparse.Namespace, options: Any, width: int | None, height: int | None) -> Any:
