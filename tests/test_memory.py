@@ -152,3 +152,14 @@ def test_cli_memory_of_a_preset_not_on_this_machine(capsys, monkeypatch, tmp_pat
     want = memory.plan_preset("klein-9b", quant="Q4_K", text_quant="Q8_0")
     assert out["peak_device_gib"] == round(want.peak_device / memory.GIB, 3)
     assert 4 < out["weights_gib"]["transformer"] < 6
+
+
+def test_text_quant_and_budget_reach_every_loading_command():
+    from kleinbild.cli import build_parser, load_options
+
+    p = build_parser()
+    for argv in (["generate", "x"], ["serve"], ["eval"]):
+        args = p.parse_args([*argv, "--text-quant", "int8"])
+        assert load_options(args).text_quant == "int8", argv
+    assert p.parse_args(["serve", "--vram-budget", "12"]).vram_budget == 12.0
+    assert p.parse_args(["generate", "x", "--vram-budget", "7.5"]).vram_budget == 7.5
