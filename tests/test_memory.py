@@ -163,3 +163,18 @@ def test_text_quant_and_budget_reach_every_loading_command():
         assert load_options(args).text_quant == "int8", argv
     assert p.parse_args(["serve", "--vram-budget", "12"]).vram_budget == 12.0
     assert p.parse_args(["generate", "x", "--vram-budget", "7.5"]).vram_budget == 7.5
+
+
+def test_budget_tries_no_format_on_a_quantized_file(tmp_path):
+    from kleinbild.bench.gguf_write import linear_type, write
+    from kleinbild.config import get_preset
+    from kleinbild.loading import bundled_dir, read_transformer
+
+    folder = bundled_dir(get_preset("nano"))
+    path = write(tmp_path / "flux-2-nano-Q8_0.gguf", read_transformer(folder / "flux-2-nano.safetensors"),
+                 linear_type("Q8_0"))
+    opts = LoadOptions(vae=folder / "ae.safetensors", text_encoder=folder / "text_encoder")
+    full = memory.plan(locate_with(path, opts), width=512, height=512)
+    chosen, p = memory.fit_budget(str(path), opts, (full.peak_device - 1) / memory.GIB, 512, 512)
+    assert chosen.quant is None and chosen.offload_mode == "model"  # the GGUF stays as it is
+    KleinPipeline.from_pretrained(path, chosen, device="cpu")  # and loads with what was chosen

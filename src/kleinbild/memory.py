@@ -291,21 +291,18 @@ def fit_budget(model: str, options: LoadOptions, budget_gb: float, width: int, h
         raise ValueError(f"the memory budget must be positive, got {budget_gb} GiB")
     files = locate_with(model, options)
     on_cpu = device == "cpu"
+    # A component whose file is already quantized (fp8, GGUF) loads as it is: no format is tried on it.
+    as_is = plan(files, width=width, height=height, device=device).formats
     best: MemoryPlan | None = None
     seen = set()
     for quant, text_quant, mode in CANDIDATES:
-        q = options.quant or quant
-        tq = options.text_quant or text_quant
+        q = None if as_is["transformer"] else options.quant or quant
+        tq = None if as_is["text_encoder"] else options.text_quant or text_quant
         off = offload or mode
         if (q, tq, off) in seen:
             continue
         seen.add((q, tq, off))
-        try:
-            p = plan(files, quant=q, text_quant=tq, offload=off, width=width, height=height, source=model,
-                     device=device)
-        except ValueError:  # e.g. a quantized file asked to quantize again
-            p = plan(files, text_quant=tq, offload=off, width=width, height=height, source=model, device=device)
-            q = None
+        p = plan(files, quant=q, text_quant=tq, offload=off, width=width, height=height, source=model, device=device)
         peak = p.peak_host if on_cpu else p.peak_device
         if peak <= budget_gb * GIB:
             return replace(options, quant=q, text_quant=tq, offload_mode=off), p
