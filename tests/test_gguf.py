@@ -95,7 +95,7 @@ def test_q8_0_gguf_keeps_the_image(tmp_path):
     layers = quant.quant_summary(pipe.transformer)
     assert pipe.quant == "Q8_0" and layers["Q8_0"] >= 10
     db = psnr(_image(pipe), _image(ref))
-    assert 35 <= db < float("inf"), db  # measured: 48.6 dB on this tiny random model
+    assert 35 <= db < float("inf"), db  # measured: 52.5 dB on this tiny random model
     with pytest.raises(ValueError, match=r"already quantized \(Q8_0\)"):
         KleinPipeline.from_pretrained(path, vae=folder / "vae", text_encoder=folder, quant="fp8", **opts)
 
