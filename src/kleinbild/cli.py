@@ -168,7 +168,7 @@ def _eval_parser(sub: Any) -> None:
     e = sub.add_parser("eval", help="score a model with the shapes-world analyser on held-out prompts")
     add_model_flags(e, default="nano")
     e.add_argument("--n", type=_positive_int, default=50, help="examples per task")
-    e.add_argument("--tasks", default="single,double,edit,compose,held_out,masked")
+    e.add_argument("--tasks", default="single,double,edit,compose,held_out,masked,plain,plain_double")
     e.add_argument("--steps", type=_positive_int)
     e.add_argument("--seed", type=_seed, default=0)
     e.add_argument("--grid", help="write a PNG grid of prompts and outputs here")

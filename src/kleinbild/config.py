@@ -247,6 +247,9 @@ class ModelPreset:
     # shift for models trained for it. The empirical mu was fitted on megapixel images; at nano's 64 tokens it
     # puts 3 of 4 steps above t=0.7 and leaves the shapes to one jump from 0.7 to 0.
     schedule_shift: float | None = None
+    # What a small model can draw, for a note when a prompt names none of it (empty: the model draws anything).
+    objects: tuple[str, ...] = ()
+    colours: tuple[str, ...] = ()
 
 
 _DIT_4B = DiTConfig()
@@ -286,6 +289,8 @@ _NANO = dict(
     max_source_pixels=128**2,
     bundled=True,
     bundle="nano",
+    objects=("circle", "square", "triangle"),
+    colours=("red", "green", "blue", "yellow", "orange", "purple", "white", "black"),
 )
 
 PRESETS: dict[str, ModelPreset] = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -148,6 +149,8 @@ def validate(
         refs = _references(preset, images)
         w, h = _size(preset, width, height, refs, max_pixels, notes)
     _untrained_size(preset, w, h, notes)
+    if not refs:
+        _unknown_objects(preset, prompt, notes)
     seed = _seed(seed, num_images, noise, (num_images, preset.ae.latent_channels, h // preset.ae.downscale,
                                               w // preset.ae.downscale))
     digests = tuple(content_key(b"reference", im.mode.encode(), f"{im.size}".encode(), im.tobytes()) for im in refs)
@@ -270,6 +273,25 @@ def _untrained_size(preset: ModelPreset, w: int, h: int, notes: list[str]) -> No
         known = f"{math.isqrt(lo)} px" if lo == hi else f"{lo / 1e6:.2f}-{hi / 1e6:.2f} megapixels"
         notes.append(f"{preset.name} was trained at {known} only; at {w}x{h} expect noise rather than a picture "
                      f"(use {side}x{side})")
+
+
+def _unknown_objects(preset: ModelPreset, prompt: str, notes: list[str]) -> None:
+    """A text-to-image prompt that names nothing a small model can draw (nano and "a cat") gets a note saying what
+    it can draw; a model with no such list (the official ones) says nothing."""
+    if not preset.objects:
+        return
+    words = set(re.findall(r"[a-z]+", prompt.lower()))
+    if any(o in words or o + "s" in words for o in preset.objects):
+        return
+    example = f"a {preset.colours[0]} {preset.objects[0]} on a {preset.colours[2]} background" if len(
+        preset.colours) > 2 else f"a {preset.objects[0]}"
+    notes.append(f"{preset.name} draws only {_listing(preset.objects, 's')} in {_listing(preset.colours, '')}, and "
+                 f"this prompt names none of those shapes: expect blobs (try \"{example}\")")
+
+
+def _listing(words: tuple[str, ...], plural: str) -> str:
+    items = [w + plural for w in words]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
 
 
 def _square(max_pixels: int, m: int) -> str:

@@ -12,8 +12,10 @@ from PIL import Image, ImageDraw
 
 from kleinbild.nano import shapes
 from kleinbild.nano.analyze import analyze, matches
+from kleinbild.nano.plain import PLAIN_TASKS, plain_set, plain_verdict
 
-TASKS = ("single", "double", "edit", "compose", "held_out", "masked")
+# "plain" / "plain_double": one / two objects from captions a new user writes (see kleinbild.nano.plain).
+TASKS = ("single", "double", "edit", "compose", "held_out", "masked", *PLAIN_TASKS)
 # The masked task: the edit task's examples whose change has a place to mask (not the background's), with a mask
 # over every object the edit changes, grown by MASK_PAD pixels, and the unmasked pixels kept.
 MASKED_KINDS = ("recolour", "move", "add", "remove")
@@ -81,7 +83,7 @@ def evaluate(
             raise ValueError(f"unknown eval task {task!r}; choose from {', '.join(TASKS)}")
         res = TaskResult(task)
         t0 = time.perf_counter()
-        examples = masked_examples(n, seed) if task == "masked" else shapes.eval_set(task, n, seed)
+        examples, names_bg = _examples(task, n, seed)
         for i, ex in enumerate(examples):
             refs = [shapes.render(s, size) for s in ex.sources]
             edit: dict[str, Any] = {}
@@ -90,7 +92,10 @@ def evaluate(
             out = pipe.generate(ex.prompt, refs or None, width=size, height=size, steps=steps, seed=seed + i, **edit)
             used_guidance = out.settings["guidance"]
             img = out.images[0]
-            verdict = matches(analyze(img), ex.target)
+            if task in PLAIN_TASKS:
+                verdict = plain_verdict(analyze(img), ex.target, names_bg[i])
+            else:
+                verdict = matches(analyze(img), ex.target)
             if edit:  # every pixel outside the mask is the source's (to 1 level)
                 keep = np.asarray(edit["mask"]) == 0
                 diff = np.abs(np.asarray(img, np.int16) - np.asarray(refs[0], np.int16)).max(axis=-1)
@@ -99,6 +104,15 @@ def evaluate(
         res.seconds = time.perf_counter() - t0
         results[task] = res
     return Report(pipe.preset.name, used_steps, used_guidance, results)
+
+
+def _examples(task: str, n: int, seed: int) -> tuple[list[shapes.Example], list[bool]]:
+    """A task's examples, and for each whether its caption names the background (plain captions may not)."""
+    if task in PLAIN_TASKS:
+        pairs = plain_set(task, n, seed)
+        return [ex for ex, _ in pairs], [named for _, named in pairs]
+    examples = masked_examples(n, seed) if task == "masked" else shapes.eval_set(task, n, seed)
+    return examples, [True] * len(examples)
 
 
 def masked_examples(n: int, seed: int = 0) -> list[shapes.Example]:
