@@ -88,3 +88,19 @@ def test_the_cli_prints_the_note(tmp_path, capsys):
 
     assert main(["generate", "a cat", "--steps", "1", "-o", str(tmp_path / "cat.png")]) == 0
     assert "draws only circles" in capsys.readouterr().err
+
+
+def test_plain_batches_for_training():
+    import random
+
+    from kleinbild.cli_train import _mix
+    from kleinbild.nano.plain import sample_plain
+    from kleinbild.nano.train import sample_batch
+
+    rng = random.Random(5)
+    b = sample_batch(rng, 16, (0, 0, 0, 0, 0, 1.0))
+    assert b.kind == "plain" and len(b.prompts) == 16
+    exs = [sample_plain(rng) for _ in range(200)]
+    assert not any(shapes.is_eval_scene(e.target) or shapes.has_held_out(e.target) for e in exs)
+    assert any(" two " in f" {e.prompt}" for e in exs)  # alike pairs are counted in words
+    assert _mix("0.3,0.2,0.1,0.1,0.1,0.2") == (0.3, 0.2, 0.1, 0.1, 0.1, 0.2)

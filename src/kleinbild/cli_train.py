@@ -8,18 +8,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-_MIX_KINDS = ("t2i", "edit", "compose", "drill", "loose")
+_MIX_KINDS = ("t2i", "edit", "compose", "drill", "loose", "plain")
 
 
 def _mix(text: str) -> tuple[float, ...]:
-    """Batch-kind weights "t2i,edit,compose[,drill[,loose]]", e.g. 0.2,0.6,0.1,0.05,0.05."""
+    """Batch-kind weights "t2i,edit,compose[,drill[,loose[,plain]]]", e.g. 0.2,0.6,0.1,0.05,0.05."""
     try:
         weights = tuple(float(v) for v in text.split(","))
     except ValueError:
         weights = ()
     if not 3 <= len(weights) <= len(_MIX_KINDS) or min(weights) < 0 or sum(weights) <= 0:
         raise argparse.ArgumentTypeError(
-            f"mix must be 3 to 5 non-negative weights for {','.join(_MIX_KINDS)} (not all zero), got {text!r}"
+            f"mix must be 3 to 6 non-negative weights for {','.join(_MIX_KINDS)} (not all zero), got {text!r}"
         )
     return weights
 
@@ -34,8 +34,8 @@ def add_parser(sub: Any, positive_int: Callable[[str], int], seed: Callable[[str
     t.add_argument("--batch", type=positive_int, help="batch size (default: the recipe's)")
     t.add_argument("--seed", type=seed, default=0)
     t.add_argument("--lr", type=float, help="peak learning rate of the stage (default: the recipe's; lora: 5e-4)")
-    t.add_argument("--mix", type=_mix, help="base, distill: weights of the batch kinds t2i,edit,compose,drill,loose "
-                   "(default: the recipe's; e.g. 0.2,0.6,0.1,0.05,0.05 for an edit-heavy continuation)")
+    t.add_argument("--mix", type=_mix, help="base, distill: weights of the batch kinds t2i,edit,compose,drill,loose"
+                   ",plain (default: the recipe's; e.g. 0.2,0.6,0.1,0.05,0.05 for an edit-heavy continuation)")
     t.add_argument("--image-guidance", type=float, help="distill: the teacher's guidance towards the reference "
                    "images on edit and composition batches (default: the recipe's; 1 is plain CFG)")
     t.add_argument("--chunks", type=positive_int, help="distill: teacher trajectory batches to record")

@@ -87,3 +87,15 @@ def plain_verdict(analysis: Analysis, expected: shapes.Scene, names_background: 
     }
     verdict["all"] = got == want and verdict["background"]
     return verdict
+
+
+def sample_plain(rng: random.Random) -> shapes.Example:
+    """A training example with a plain caption: one object, or two (half of those alike, counted in words), from
+    the training split."""
+    n = rng.choice((1, 1, 2))
+    while True:
+        scene = shapes.sample_scene(rng, n_objects=n)
+        if n == 2 and rng.random() < 0.5:
+            scene = _twin(scene)
+        if not shapes.scene_problems(scene) and not shapes.is_eval_scene(scene) and not shapes.has_held_out(scene):
+            return shapes.Example("t2i", plain_caption(scene, rng)[0], scene)

@@ -30,6 +30,7 @@ from kleinbild.autoencoder import AutoEncoder
 from kleinbild.config import ModelPreset, get_preset
 from kleinbild.images import to_tensor
 from kleinbild.nano import shapes
+from kleinbild.nano.plain import sample_plain
 from kleinbild.text_encoder import Qwen3TextEncoder
 from kleinbild.tokenizer import PromptTokenizer, train_qwen_style_tokenizer
 from kleinbild.transformer import Flux2Transformer
@@ -139,11 +140,12 @@ class Batch:
 def sample_batch(rng: random.Random, size: int, mix: tuple[float, ...]) -> Batch:
     """One kind per batch, so reference counts (and sequence lengths) agree within it.
 
-    `mix` weighs t2i, edit, compose and (optionally) position drills and loose captions (shapes.sample_loose)."""
-    kinds = ["t2i", "edit", "compose", "drill", "loose"][: len(mix)]
+    `mix` weighs t2i, edit, compose and (optionally) position drills, loose captions (shapes.sample_loose) and plain
+    ones (plain.sample_plain: what a new user types, counts in words)."""
+    kinds = ["t2i", "edit", "compose", "drill", "loose", "plain"][: len(mix)]
     kind = rng.choices(kinds, weights=mix)[0]
     draw = {"t2i": shapes.sample_t2i, "edit": shapes.sample_edit, "compose": shapes.sample_compose,
-            "drill": shapes.sample_drill, "loose": shapes.sample_loose}[kind]
+            "drill": shapes.sample_drill, "loose": shapes.sample_loose, "plain": sample_plain}[kind]
     exs = [draw(rng) for _ in range(size)]
     return Batch(kind, [e.prompt for e in exs], [e.target for e in exs], [e.sources for e in exs])
 
