@@ -16,8 +16,8 @@ from torch import Tensor
 
 from kleinbild.autoencoder import AutoEncoder
 from kleinbild.loading import ModelFiles, ae_state, dit_state, load_into, text_state
-from kleinbild.quant import check_format, install, quantize_state
-from kleinbild.quant_file import from_file_tensors, prepare_quantized
+from kleinbild.quant import install, quantize_state
+from kleinbild.quant_file import collect_quantized, prepare_quantized
 from kleinbild.text_encoder import Qwen3TextEncoder, text_encoder_wanted_keys
 from kleinbild.transformer import Flux2Transformer
 
@@ -69,17 +69,10 @@ def load_text_encoder(files: ModelFiles, home: torch.device, dtype: torch.dtype,
 def quantize_text(te: Qwen3TextEncoder, state: dict[str, Tensor], text_quant: str | None, device: torch.device,
                   source: str) -> str | None:
     """Before strict loading: install the file's quantized layers and, with `text_quant`, quantize the rest."""
-    layers = from_file_tensors(state)
-    in_file = sorted({qw.format for qw in layers.values()})
-    if text_quant is not None:
-        text_quant = check_format(text_quant)
-        if in_file:
-            raise ValueError(f"the text encoder {source} is already quantized ({', '.join(in_file)}); load it "
-                             f"without text_quant, or quantize the bf16 original to {text_quant}")
-        layers.update(quantize_state(state, text_quant, device=device, which=text_quantizable))
-        if f"{EMBEDDING}.weight" in state:
-            layers.update(quantize_state(state, "int8", device=device, which=lambda k, s: k == f"{EMBEDDING}.weight"))
-    if not layers:
-        return None
-    install(te, layers, device)
-    return text_quant or "+".join(in_file)
+    layers, used = collect_quantized(state, text_quant, device, which=text_quantizable,
+                                     what=f"the text encoder {source}")
+    if text_quant is not None and f"{EMBEDDING}.weight" in state:
+        layers.update(quantize_state(state, "int8", device=device, which=lambda k, s: k == f"{EMBEDDING}.weight"))
+    if layers:
+        install(te, layers, device)
+    return used

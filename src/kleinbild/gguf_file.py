@@ -81,10 +81,16 @@ def reader(path: Path | str) -> Any:
 
 
 def metadata(path: Path | str) -> dict[str, Any]:
-    """The file's key/value metadata as plain Python values."""
+    """The file's key/value metadata as plain Python values (read once per file version; do not modify it)."""
+    p = Path(path)
+    return _metadata(str(p), p.stat().st_mtime)
+
+
+@lru_cache(maxsize=4)
+def _metadata(path: str, mtime: float) -> dict[str, Any]:
     from kleinbild.tokenizer_gguf import read_metadata
 
-    return read_metadata(reader(path))
+    return read_metadata(_reader(path, mtime))
 
 
 def architecture(path: Path | str) -> str | None:

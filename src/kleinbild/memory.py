@@ -20,6 +20,7 @@ transformer's largest block plus its small resident parts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -85,9 +86,7 @@ def _stored(entries: dict[str, tuple[tuple[int, ...], str, int]], wanted: Callab
     for name, (shape, dtype, nbytes) in entries.items():
         if not wanted(name):
             continue
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         quantized = dtype not in ("F32", "F16", "BF16", "F64") or name.rpartition(".")[2] in _KEEP
         total += nbytes if quantized else n * per
     return total
@@ -102,12 +101,9 @@ def _entries(paths: Sequence[Any], layout: str, rename: Callable[[str], str | No
                 for k, t in found.items()}
     out = {}
     for k, (shape, dtype) in read_header(paths).items():
-        n = 1
-        for d in shape:
-            n *= d
         name = rename(k)
         if name is not None:
-            out[name] = (tuple(shape), dtype, n * _SIZES.get(dtype, 2))
+            out[name] = (tuple(shape), dtype, math.prod(shape) * _SIZES.get(dtype, 2))
     return out
 
 

@@ -212,21 +212,27 @@ def load_quantized_file(path: Path | str) -> tuple[dict[str, Tensor], dict[str, 
     return state, layers
 
 
-def prepare_quantized(model: nn.Module, state: dict[str, Tensor], quant: str | None,
-                      device: torch.device | str) -> str | None:
-    """Before strict loading: take the file's quantized layers (and, with `quant`, quantize the rest of the selected
-    layers) out of `state` and install them in the meta-built `model`. Returns the format in use, or None."""
+def collect_quantized(state: dict[str, Tensor], quant: str | None, device: torch.device | str,
+                      which: Callable[[str, tuple[int, ...]], bool] = default_quantizable,
+                      what: str = "the transformer file") -> tuple[dict[str, QuantWeight], str | None]:
+    """Take the file's quantized layers (and, with `quant`, quantize the rest of the selected layers) out of
+    `state`: (layers by module name, the format in use or None)."""
     layers = from_file_tensors(state)
     in_file = sorted({qw.format for qw in layers.values()})
     if quant is not None:
         quant = check_format(quant)
         if in_file and in_file != [quant]:
-            raise ValueError(
-                f"the transformer file is already quantized ({', '.join(in_file)}); load it without --quant, "
-                f"or quantize the bf16 original to {quant}"
-            )
-        layers.update(quantize_state(state, quant, device=device))
-    if not layers:
-        return None
-    install(model, layers, device)
-    return quant or "+".join(in_file)
+            raise ValueError(f"{what} is already quantized ({', '.join(in_file)}); load it without quantizing, "
+                             f"or quantize the bf16 original to {quant}")
+        layers.update(quantize_state(state, quant, device=device, which=which))
+    return layers, (quant or "+".join(in_file)) if layers else None
+
+
+def prepare_quantized(model: nn.Module, state: dict[str, Tensor], quant: str | None,
+                      device: torch.device | str) -> str | None:
+    """Before strict loading: `collect_quantized`, then install the layers in the meta-built `model`. Returns the
+    format in use, or None."""
+    layers, used = collect_quantized(state, quant, device)
+    if layers:
+        install(model, layers, device)
+    return used
