@@ -220,6 +220,8 @@ def test_cli_mix_reaches_the_stage_and_bad_mixes_are_refused(monkeypatch, tmp_pa
     assert isinstance(seen[-1], distill.DistillArgs) and seen[-1].mix == (0.0, 1.0, 0.0)
     assert main(["train", "distill", "--run", str(tmp_path), "--on-policy", "0.5"]) == 0
     assert seen[-1].on_policy == 0.5
+    assert main(["train", "distill", "--run", str(tmp_path), "--plain-substeps", "4"]) == 0
+    assert seen[-1].plain_substeps == 4 and seen[-1].substeps == 1
     assert main(["train", "distill", "--run", str(tmp_path), "--image-guidance", "0"]) == 0
     assert seen[-1].image_guidance == 0.0  # passed on, so make_trajectories refuses it rather than using the default
     assert main(["train", "base", "--run", str(tmp_path)]) == 0
@@ -255,6 +257,18 @@ def test_image_guidance_changes_only_batches_with_references(run, tmp_path):
                        _trajectories(folder, tmp_path, preset, image_guidance=1.5, **t2i))
     with pytest.raises(ValueError, match="image_guidance must be > 0"):
         _trajectories(folder, tmp_path, preset, image_guidance=0.0)
+
+
+def test_plain_substeps_refine_only_the_free_captions(run, tmp_path):
+    folder, preset = run
+    plain, t2i = dict(mix=(0.0, 0.0, 0.0, 0.0, 0.0, 1.0)), dict(mix=(1.0, 0.0, 0.0))
+    coarse = _trajectories(folder, tmp_path, preset, plain_substeps=1, **plain)
+    fine = _trajectories(folder, tmp_path, preset, plain_substeps=3, **plain)
+    assert coarse.shape == fine.shape  # still one state per student step
+    assert torch.equal(coarse[:, 0], fine[:, 0])  # same noise
+    assert not torch.allclose(coarse[:, 1:].float(), fine[:, 1:].float())
+    assert torch.equal(_trajectories(folder, tmp_path, preset, plain_substeps=1, **t2i),
+                       _trajectories(folder, tmp_path, preset, plain_substeps=3, **t2i))
 
 
 def _random_dit(preset, seed):

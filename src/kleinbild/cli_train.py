@@ -41,6 +41,8 @@ def add_parser(sub: Any, positive_int: Callable[[str], int], seed: Callable[[str
     t.add_argument("--chunks", type=positive_int, help="distill: teacher trajectory batches to record")
     t.add_argument("--on-policy", type=float, help="distill: fraction of steps trained on the student's own "
                    "rollouts, the teacher's guided velocity there as the target (0 to 1; default 0)")
+    t.add_argument("--plain-substeps", type=positive_int, help="distill: teacher Euler steps per student step on "
+                   "trajectories of captions that leave size and position free (plain, loose; default 1)")
     t.add_argument("--stop-at", type=positive_int, help="base: stop at this step (a checkpoint is written), keeping "
                    "the learning-rate schedule of --steps; resume later with a larger value")
     t.add_argument("--workers", type=positive_int, help="base: processes that draw the batches ahead (worth it "
@@ -92,7 +94,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         given = (("steps", args.steps), ("batch", args.batch), ("chunks", args.chunks), ("lr", args.lr),
                  ("stop_at", args.stop_at), ("device", args.device), ("workers", args.workers),
                  ("init", args.init), ("decoder_only", args.decoder_only), ("mix", args.mix),
-                 ("image_guidance", args.image_guidance), ("on_policy", args.on_policy))
+                 ("image_guidance", args.image_guidance), ("on_policy", args.on_policy),
+                 ("plain_substeps", args.plain_substeps))
         over = {k: v for k, v in given if v is not None}  # 0 is a value (and refused by the stage), not absent
         over = {k: v for k, v in over.items() if k in {f.name for f in dataclasses.fields(cfg)}}
         return dataclasses.replace(cfg, seed=args.seed, **over)
