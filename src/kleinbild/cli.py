@@ -133,6 +133,10 @@ def _generate_parser(sub: Any) -> None:
     g.add_argument("--steps", "-s", type=_positive_int, help="sampling steps (default: the model's, 4 distilled or "
                    "50 base)")
     g.add_argument("--guidance", "-g", type=float, help="CFG scale (base models only)")
+    g.add_argument("--cache", choices=["none", "first-block", "teacache"], help="step caching for base models: "
+                   "reuse the transformer's residual on steps that change little (default: none)")
+    g.add_argument("--cache-threshold", type=float, metavar="X", help="relative change under which a step is "
+                   "reused (0: none; default first-block 0.08, teacache 0.15)")
     g.add_argument("--negative-prompt", help="negative prompt (base models only; default empty)")
     g.add_argument("--seed", type=_seed, help="random seed; image i gets seed + i (default: a random one, printed)")
     g.add_argument("-n", "--num-images", type=_positive_int, default=1)
@@ -360,7 +364,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     req = validate(files.preset, args.prompt, args.image or None, width=args.width, height=args.height,
                    steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
                    num_images=args.num_images, mask=_mask(args.mask), strength=args.strength, mask_crop=args.mask_crop,
-                   expand=args.expand, keep_unmasked=args.keep_unmasked)
+                   expand=args.expand, keep_unmasked=args.keep_unmasked, cache=args.cache,
+                   cache_threshold=args.cache_threshold)
     t0 = time.perf_counter()
     pipe = KleinPipeline.from_located(files, options, source=str(args.model))
     if not args.quiet:

@@ -23,6 +23,7 @@ from kleinbild.loading import LoadOptions, ModelFiles, load_tokenizer, locate_wi
 from kleinbild.masking import MaskInput
 from kleinbild.request import ImageInput, Request, validate
 from kleinbild.result import GenerationCancelled, GenerationResult, NonFiniteError, check_finite
+from kleinbild.step_cache import StepCache
 from kleinbild.text_encoder import Qwen3TextEncoder
 from kleinbild.tokenizer import PromptTokenizer
 from kleinbild.transformer import Flux2Transformer, KVCache
@@ -326,12 +327,14 @@ class KleinPipeline:
         mask_crop: int | None = None,
         expand: tuple[int, int, int, int] | None = None,
         keep_unmasked: bool = False,
+        cache: str | None = None,
+        cache_threshold: float | None = None,
     ) -> Request:
         """Validate a request for this model (see `kleinbild.request.validate`); nothing runs yet."""
         return validate(self.preset, prompt, images, width=width, height=height, steps=steps, guidance=guidance,
                         negative_prompt=negative_prompt, seed=seed, num_images=num_images, noise=noise,
                         max_pixels=max_pixels, mask=mask, strength=strength, mask_crop=mask_crop, expand=expand,
-                        keep_unmasked=keep_unmasked)
+                        keep_unmasked=keep_unmasked, cache=cache, cache_threshold=cache_threshold)
 
     def generate(
         self,
@@ -352,6 +355,8 @@ class KleinPipeline:
         mask_crop: int | None = None,
         expand: tuple[int, int, int, int] | None = None,
         keep_unmasked: bool = False,
+        cache: str | None = None,
+        cache_threshold: float | None = None,
     ) -> GenerationResult:
         """Text-to-image (no image), edit (one) or multi-reference generation (several).
 
@@ -364,11 +369,14 @@ class KleinPipeline:
         rest are references; `strength` in (0, 1] starts part way (without a mask: image-to-image); `mask_crop=PAD`
         edits a crop around the mask and stitches it back; `expand=(left, top, right, bottom)` outpaints;
         `keep_unmasked` returns the source's own pixels outside the mask. See `kleinbild.masking`.
+
+        Step caching (base models): `cache="first-block"` or `"teacache"` reuses the transformer's residual on steps
+        that change less than `cache_threshold` (`kleinbild.step_cache`; 0 reuses nothing). Off by default.
         """
         req = self.request(prompt, images, width=width, height=height, steps=steps, guidance=guidance,
                            negative_prompt=negative_prompt, seed=seed, num_images=num_images, noise=noise,
                            mask=mask, strength=strength, mask_crop=mask_crop, expand=expand,
-                           keep_unmasked=keep_unmasked)
+                           keep_unmasked=keep_unmasked, cache=cache, cache_threshold=cache_threshold)
         return self.run([req], callback)[0]
 
     def generate_batch(
@@ -448,7 +456,11 @@ class KleinPipeline:
             images = out[at : at + req.num_images]
             if req.edit is not None:
                 images = [masking.finish(im, req.edit, req.references[0]) for im in images]
-            results.append(GenerationResult(images, {**req.settings(), **common, "cache": st}))
+            counts = st.pop("step_cache", None)  # how many steps the step cache computed and reused
+            settings = {**req.settings(), **common, "cache": st}
+            if counts is not None:
+                settings["step_cache"] = {**settings["step_cache"], **counts}
+            results.append(GenerationResult(images, settings))
             at += req.num_images
         return results
 
@@ -513,19 +525,22 @@ class KleinPipeline:
 
         timesteps = sampling.schedule(first.steps, th * tw, p.schedule_shift)
         kv: list[KVCache] = []
-        model = self._compiled.get("transformer", self.transformer)
+        steps = StepCache(first.cache) if first.cache is not None else None
+        # The cache decides per step in Python, so a cached run stays eager (a compiled graph would break there).
+        model = self.transformer if steps is not None else self._compiled.get("transformer", self.transformer)
 
         def velocity(x: Tensor, t: Tensor, i: int) -> Tensor:
             xin = sampling.pack(x).to(dt)
             if cfg:
                 xin, t = torch.cat([xin, xin]), torch.cat([t, t])
             if p.kv_cache_refs and ref_tok is not None and i == 0:
-                v, cache = self.transformer.extract_kv(xin, img_ids, txt, txt_ids, t, ref_tok, ref_ids)
+                v, cache = self.transformer.extract_kv(xin, img_ids, txt, txt_ids, t, ref_tok, ref_ids,
+                                                       step_cache=steps)
                 kv.append(cache)
             elif p.kv_cache_refs and ref_tok is not None:
-                v = model(xin, img_ids, txt, txt_ids, t, kv_cache=kv[0])
+                v = model(xin, img_ids, txt, txt_ids, t, kv_cache=kv[0], step_cache=steps)
             else:
-                v = model(xin, img_ids, txt, txt_ids, t, ref=ref_tok, ref_ids=ref_ids)
+                v = model(xin, img_ids, txt, txt_ids, t, ref=ref_tok, ref_ids=ref_ids, step_cache=steps)
             if cfg:
                 v = sampling.cfg_combine(v.float(), guidance)
             return sampling.unpack(v, th, tw)
@@ -551,6 +566,9 @@ class KleinPipeline:
                 return check_finite(x, "transformer", dt)
         finally:
             timings["denoise"] = time.perf_counter() - t0
+            if steps is not None:
+                for st in stats:
+                    st["step_cache"] = {"computed_steps": steps.computed, "reused_steps": steps.reused}
 
 
 def _edit_start(reqs: list[Request], sources: list[Tensor], noise: Tensor, timesteps: list[float]

@@ -27,6 +27,7 @@ from kleinbild.cache import content_key
 from kleinbild.config import ModelPreset
 from kleinbild.images import MAX_PIXELS, MIN_SIDE, InputError, open_image, prepare_reference
 from kleinbild.masking import Edit, MaskInput, prepare_edit
+from kleinbild.step_cache import CACHE_MODES, DEFAULT_THRESHOLDS, CacheSpec
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class Request:
     notes: tuple[str, ...] = ()
     reference_digests: tuple[str, ...] = ()  # content keys of the prepared references (cache keys, metadata)
     edit: Edit | None = None  # masked editing or image-to-image: references[0] is the image worked on
+    cache: CacheSpec | None = None  # step caching (kleinbild.step_cache); None: every step computed in full
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -70,7 +72,7 @@ class Request:
     def batch_key(self) -> tuple:
         """Requests with equal keys can share every forward pass (prompts, references and seeds may differ)."""
         return (self.width, self.height, self.steps, self.guidance, tuple(r.size for r in self.references),
-                None if self.edit is None else self.edit.batch_key())
+                None if self.edit is None else self.edit.batch_key(), self.cache)
 
     def initial_noise(self, channels: int, downscale: int) -> Tensor:
         """(n, C, H/m, W/m) float32 on the CPU: the given noise, or one seeded draw per image."""
@@ -89,6 +91,7 @@ class Request:
             "references": [list(r.size) for r in self.references],
             "reference_digests": list(self.reference_digests), "notes": list(self.notes),
             **({} if self.edit is None else self.edit.settings()),
+            "step_cache": None if self.cache is None else self.cache.summary(),
         }
 
     def split(self, size: int) -> list[Request]:
@@ -123,12 +126,15 @@ def validate(
     mask_crop: Any = None,
     expand: Any = None,
     keep_unmasked: Any = False,
+    cache: Any = None,
+    cache_threshold: Any = None,
 ) -> Request:
     """Check and resolve one request for `preset`; raises InputError naming the bad value (and its `param`).
 
     `max_pixels` bounds the output: an explicit size over it is refused, a default one (the first reference's
     size, or the preset's) is scaled down to fit, keeping its aspect. With a `mask`, `strength`, `mask_crop`,
     `expand` or `keep_unmasked` the first image is the one edited (see `kleinbild.masking.prepare_edit`).
+    `cache` ("first-block" or "teacache") with `cache_threshold` turns on step caching (`kleinbild.step_cache`).
     """
     notes: list[str] = []
     if not isinstance(prompt, str):
@@ -139,6 +145,7 @@ def validate(
     if not _is_int(steps) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}", "steps")
     guidance, negative_prompt = _guidance(preset, guidance, negative_prompt, notes)
+    step_cache = _cache(cache, cache_threshold)
     edit_args = {"mask": mask, "strength": strength, "mask_crop": mask_crop, "expand": expand,
                  "keep_unmasked": keep_unmasked or None}
     edit = None
@@ -155,7 +162,23 @@ def validate(
                                               w // preset.ae.downscale))
     digests = tuple(content_key(b"reference", im.mode.encode(), f"{im.size}".encode(), im.tobytes()) for im in refs)
     return Request(prompt, negative_prompt, tuple(refs), w, h, steps, guidance, seed, num_images, noise,
-                   tuple(notes), digests, edit)
+                   tuple(notes), digests, edit, step_cache)
+
+
+def _cache(mode: Any, threshold: Any) -> CacheSpec | None:
+    if mode is None or mode == "none":
+        if threshold is not None:
+            raise InputError(f"cache_threshold {threshold!r} needs a cache: pass cache= one of "
+                             f"{', '.join(CACHE_MODES)}", "cache_threshold")
+        return None
+    if mode not in CACHE_MODES:
+        raise InputError(f"cache must be one of {', '.join(CACHE_MODES)} or none, got {mode!r}", "cache")
+    threshold = DEFAULT_THRESHOLDS[mode] if threshold is None else threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not (
+            math.isfinite(threshold) and threshold >= 0):
+        raise InputError(f"cache_threshold must be a finite number >= 0 (0: no step reused), got {threshold!r}",
+                         "cache_threshold")
+    return CacheSpec(mode, float(threshold))
 
 
 def _is_int(v: Any) -> bool:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from kleinbild.config import DiTConfig
 from kleinbild.files import release_file_pages
+from kleinbild.step_cache import StepCache
 
 # A modulation triple: (shift, scale, gate), each (B, 1, H) or (B, S, H) when references carry their own.
 Mod = tuple[Tensor, Tensor, Tensor]
@@ -343,12 +344,14 @@ class Flux2Transformer(nn.Module):
         ref: Tensor | None = None,
         ref_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        step_cache: StepCache | None = None,
     ) -> Tensor:
         """Velocity for the image tokens.
 
         img (B, N, C), txt (B, L, D), ids (B, *, 4) or (*, 4), timesteps (B,) in [0, 1].
         - `ref`: reference tokens appended after the image tokens (the plain path); their prediction is dropped.
         - `kv_cache` (KV models, steps after the first): no reference tokens; the cached K/V joins the attention.
+        - `step_cache`: one generation's step cache (`kleinbild.step_cache`); a step it deems unchanged skips blocks.
         """
         if ref is not None and ref_ids is None:
             raise ValueError("reference tokens need their position ids")
@@ -360,7 +363,8 @@ class Flux2Transformer(nn.Module):
             cos, sin = self._rope([txt_ids, img_ids, ref_ids])
         else:
             cos, sin = self._rope([txt_ids, img_ids])
-        return self._blocks(x, self.txt_in(txt), vec, mods, cos, sin, img.shape[1], kv_cache=kv_cache)
+        return self._blocks(x, self.txt_in(txt), vec, mods, cos, sin, img.shape[1], kv_cache=kv_cache,
+                            step_cache=step_cache)
 
     def extract_kv(
         self,
@@ -371,6 +375,7 @@ class Flux2Transformer(nn.Module):
         timesteps: Tensor,
         ref: Tensor,
         ref_ids: Tensor,
+        step_cache: StepCache | None = None,
     ) -> tuple[Tensor, KVCache]:
         """The first step of a KV model: the velocity, and the reference tokens' keys and values of every block.
 
@@ -393,7 +398,7 @@ class Flux2Transformer(nn.Module):
         cos, sin = self._rope([txt_ids, ref_ids, img_ids])
         store = KVCache()
         out = self._blocks(x, self.txt_in(txt), vec, (mod_img, mod_txt, mod_single), cos, sin, n_img,
-                           n_ref=n_ref, store=store)
+                           n_ref=n_ref, store=store, step_cache=step_cache)
         return out, store
 
     def _modulations(self, vec: Tensor) -> tuple[list[Mod], list[Mod], Mod]:
@@ -401,16 +406,27 @@ class Flux2Transformer(nn.Module):
         return self.double_stream_modulation_img(vec), self.double_stream_modulation_txt(vec), single
 
     def _blocks(self, x: Tensor, txt_h: Tensor, vec: Tensor, mods: tuple, cos: Tensor, sin: Tensor, n_img: int,
-                n_ref: int = 0, store: KVCache | None = None, kv_cache: KVCache | None = None) -> Tensor:
+                n_ref: int = 0, store: KVCache | None = None, kv_cache: KVCache | None = None,
+                step_cache: StepCache | None = None) -> Tensor:
         """The double- and single-stream blocks and the final layer over [text, (references), image] tokens."""
         mod_img, mod_txt, mod_single = mods
         n_txt = txt_h.shape[1]
         rot = torch.complex(cos, sin) if cos.device.type == "cpu" else None
+        img = slice(n_ref, n_ref + n_img)  # the image tokens in the double stream (references first in a KV extract)
+        start = x[:, img]
+        mode = step_cache.spec.mode if step_cache is not None else None
+        if mode == "teacache" and step_cache.reuse(modulate(start, mod_img[0])):  # type: ignore[union-attr]
+            return self.final_layer(start + step_cache.residual, vec)  # type: ignore[union-attr]
         for i, block in enumerate(self.double_blocks):
             ctx = _Ctx(cos, sin, n_txt, n_ref=n_ref, store=store.double if store else None, rot=rot)
             if kv_cache is not None:
                 ctx.cached = kv_cache.double[i]
             x, txt_h = block(x, txt_h, mod_img, mod_txt, ctx)
+            if i == 0 and mode == "first-block":
+                first = x[:, img]
+                if step_cache.reuse(first - start):  # type: ignore[union-attr]
+                    return self.final_layer(first + step_cache.residual, vec)  # type: ignore[union-attr]
+                start = first
         x = torch.cat([txt_h, x], dim=1)
         for i, block in enumerate(self.single_blocks):
             ctx = _Ctx(cos, sin, n_txt, n_ref=n_ref, store=store.single if store else None, rot=rot)
@@ -418,4 +434,6 @@ class Flux2Transformer(nn.Module):
                 ctx.cached = kv_cache.single[i]
             x = block(x, mod_single, ctx)
         x = x[:, n_txt + n_ref : n_txt + n_ref + n_img]
+        if step_cache is not None:
+            step_cache.store(x - start)  # what the skipped blocks would add, kept beside the uncached result
         return self.final_layer(x, vec)
