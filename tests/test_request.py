@@ -20,7 +20,7 @@ def test_defaults_rounding_and_seeds():
     r = validate(KLEIN, "a fox", width=1000, height=770, seed=7, num_images=3)
     assert (r.width, r.height, r.steps, r.guidance) == (992, 768, 4, None)
     assert r.notes == ("size 1000x770 rounded down to 992x768 (a multiple of 16)",)
-    assert r.seeds == (7, 8, 9) and r.batch_key() == (992, 768, 4, None, (), None)
+    assert r.seeds == (7, 8, 9) and r.batch_key() == (992, 768, 4, None, (), None, None)
     noise = r.initial_noise(128, 16)
     alone = validate(KLEIN, "a fox", width=992, height=768, seed=9).initial_noise(128, 16)
     assert torch.equal(noise[2:], alone)

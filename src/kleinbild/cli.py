@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kleinbild import __version__, cli_memory, cli_train
+from kleinbild.compiling import parse_sizes
 
 if TYPE_CHECKING:
     from kleinbild.loading import LoadOptions
@@ -77,7 +78,10 @@ def add_runtime_flags(p: argparse.ArgumentParser, offload: str) -> None:
                    "component over for its own stage); 'sequential' streams transformer blocks to the GPU one at "
                    f"a time (default: {offload})")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer and decoder (worth it on a "
-                   "GPU for repeated generations: ~0.65x the time per image; the first one at each size compiles)")
+                   "GPU for repeated generations: ~0.65x the time per image; compiling takes tens of seconds)")
+    p.add_argument("--compile-shapes", choices=("dynamic", "auto", "static"), default="auto", help="with --compile: "
+                   "'dynamic' compiles one graph for every image size, 'static' one per size, 'auto' (torch's "
+                   "default) a static one for the first size and one dynamic graph for all others")
 
 
 def add_lora_flags(p: argparse.ArgumentParser) -> None:
@@ -102,7 +106,8 @@ def load_options(args: argparse.Namespace, **changes: Any) -> LoadOptions:
                  quant=getattr(args, "quant", None), text_quant=getattr(args, "text_quant", None),
                  loras=tuple(getattr(args, "lora", ())),
                  fuse_loras=getattr(args, "fuse_lora", False), offload_mode=getattr(args, "offload", "none"),
-                 compile=getattr(args, "compile", False))
+                 compile=getattr(args, "compile", False), compile_shapes=getattr(args, "compile_shapes", "auto"),
+                 warm_sizes=tuple(getattr(args, "warm", None) or ()))
     return LoadOptions(**{**given, **changes})
 
 
@@ -151,7 +156,7 @@ def _bench_parser(sub: Any) -> None:
     b.add_argument("--random-weights", action="store_true", help="seeded random weights of the preset's full size "
                    "(written once to the cache folder); the only mode for now")
     b.add_argument("--size", type=_positive_int, default=512)
-    b.add_argument("--steps", type=_positive_int, default=4)
+    b.add_argument("--steps", type=_positive_int, help="default 4 (--step-cache: 50, random weights 12)")
     b.add_argument("--threads", type=_positive_int, help="CPU threads for both engines (default: torch's)")
     b.add_argument("--vs", choices=["diffusers"], help="also run diffusers' Flux2KleinPipeline, alternating")
     b.add_argument("--repeats", type=_positive_int, default=3)
@@ -164,6 +169,10 @@ def _bench_parser(sub: Any) -> None:
     b.add_argument("--serve-model", default="nano", help="--serve: the model served (default nano)")
     b.add_argument("--requests", type=_positive_int, default=40, help="--serve: requests per configuration")
     b.add_argument("--concurrency", type=_positive_int, default=4, help="--serve: client threads")
+    b.add_argument("--step-cache", action="store_true", help="measure step caching instead: nano-base's eval "
+                   "score, PSNR and time at several thresholds against no cache (with --random-weights also the "
+                   "--preset's full size, e.g. klein-base-4b --size 128)")
+    b.add_argument("--eval-n", type=_positive_int, default=40, help="--step-cache: examples per eval task")
     b.add_argument("--prequantized", action="store_true", help="with --quant: write the quantized transformer once "
                    "(as `kleinbild quantize` does; not timed) and load it, instead of quantizing on every load")
 
@@ -179,10 +188,19 @@ def _eval_parser(sub: Any) -> None:
     e.add_argument("--json", action="store_true")
 
 
+def _sizes(text: str) -> list[tuple[int, int]]:
+    try:
+        return parse_sizes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _serve_parser(sub: Any) -> None:
     v = sub.add_parser("serve", help="HTTP server: OpenAI-compatible images API, async jobs with progress, playground")
     add_model_flags(v, default=_default_model())
     cli_memory.add_budget_flag(v)
+    v.add_argument("--warm", type=_sizes, metavar="WxH,...", help="generate once at these sizes (batches of 1 and 2) "
+                   "after loading, before /health says ready: with --compile, requests then compile nothing")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     v.add_argument("--port", type=_port, default=8000, help="TCP port (default: 8000; 0: any free one)")
     v.add_argument("--api-key", action="append", default=[],
@@ -425,6 +443,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.memory:
         return cli_memory.cmd_bench_memory(args)
+    if args.step_cache:
+        from kleinbild.bench import step_cache
+
+        return step_cache.cli(args)
+    args.steps = args.steps or 4
     if args.serve:
         from kleinbild.bench import serve as bench_serve
 

@@ -137,6 +137,8 @@ class LoadOptions:
     fuse_loras: bool = False
     offload_mode: str = "none"
     compile: bool = False
+    compile_shapes: str = "auto"  # kleinbild.compiling.SHAPES: dynamic, auto (torch's default) or static
+    warm_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) generated once after loading (see warm())
     text_layers: tuple[int, ...] | None = None
     max_text_length: int | None = None
 

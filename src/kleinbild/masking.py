@@ -9,6 +9,7 @@ encoded once and is both the starting point and the reference; `strength` drops 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -329,3 +330,22 @@ def finish(image: Image.Image, edit: Edit, work: Image.Image) -> Image.Image:
     if edit.keep_unmasked and edit.work_mask is not None:
         return Image.composite(image, work, edit.work_mask)
     return image
+
+
+def start_state(edits: list[Edit | None], rows: list[int], sources: list[Tensor], noise: Tensor,
+                timesteps: list[float]) -> tuple[Tensor, Callable[[int, Tensor], Tensor] | None]:
+    """A batch of edits' starting latents (each source noised to the first timestep; `rows` images per edit) and,
+    with masks, the step hook that re-imposes the kept region."""
+    src = torch.cat([z.float().expand(n, -1, -1, -1) for z, n in zip(sources, rows, strict=True)])
+    x = noised(src, noise, timesteps[0])
+    first = edits[0]
+    if first is None or first.latent_mask is None:
+        return x, None
+    masks = [e.latent_mask.expand(n, -1, -1, -1) for e, n in zip(edits, rows, strict=True)]  # type: ignore[union-attr]
+    mask = torch.cat(masks).to(noise.device)
+    last = len(timesteps) - 2
+
+    def after_step(i: int, x: Tensor) -> Tensor:
+        return reimpose(x, src, noise, mask, None if i == last else timesteps[i + 1])
+
+    return x, after_step

@@ -16,6 +16,7 @@ from torch import Tensor
 from kleinbild import components, lora, lora_host, masking, offload, sampling
 from kleinbild.autoencoder import AutoEncoder
 from kleinbild.cache import ContentCache, cached_latents, cached_prompts
+from kleinbild.compiling import CompileCounter, compile_counted, compile_shapes
 from kleinbild.config import ModelPreset
 from kleinbild.files import release_file_pages
 from kleinbild.images import MAX_PIXELS, InputError, to_pil, to_tensor
@@ -69,6 +70,7 @@ class KleinPipeline:
         # on an accelerator) instead of dropping it after each prompt.
         self._can_reload = files is not None
         self._compiled: dict[str, Any] = {}  # torch.compile'd callables (see compile())
+        self._counters: dict[str, CompileCounter] = {}
         if self.offload != "none" and device.type != "cpu":
             self._park()
             if text_encoder is not None:
@@ -113,7 +115,9 @@ class KleinPipeline:
         if o.fuse_loras and o.loras:
             pipe.fuse_loras()
         if o.compile:
-            pipe.compile()
+            pipe.compile(dynamic=compile_shapes(o.compile_shapes))
+        if o.warm_sizes:
+            pipe.warm(o.warm_sizes, batches=(1, 2))
         return pipe
 
     @classmethod
@@ -190,22 +194,41 @@ class KleinPipeline:
         with parked.visit():
             yield
 
-    def compile(self, mode: str | None = None, decoder: bool = True) -> None:
+    def compile(self, mode: str | None = None, decoder: bool = True, dynamic: bool | None = None,
+                backend: str = "inductor") -> None:
         """Run the transformer (and the autoencoder's decoder) through `torch.compile` from now on.
 
         The modules are not replaced: compiled wrappers share their weights, so the plain path stays available
-        (see `uncompile`). The first call at each new size pays the compilation (tens of seconds); worth it on a
-        GPU for repeated generations. `mode` is torch.compile's ("max-autotune", "reduce-overhead", ...).
+        (see `uncompile`). Compiling costs tens of seconds per graph; worth it on a GPU for repeated generations.
+        `mode` is torch.compile's ("max-autotune", "reduce-overhead", ...). `dynamic`: True compiles graphs with
+        symbolic sizes from the first call (one graph for every image size); None (torch's default) recompiles
+        once, dynamically, at the first new size; False compiles one graph per size (see `kleinbild.compiling`).
+        Every graph is logged and counted (`compilations`); `warm` pays for them before the first request.
         """
         if self.offload != "none":
             raise ValueError(f"compile() needs offload mode 'none' (weights moving per stage defeat it), not "
                              f"{self.offload!r}: pass --offload none (Python: offload_mode='none')")
-        self._compiled["transformer"] = torch.compile(self.transformer, mode=mode)
+        self._compiled["transformer"], self._counters["transformer"] = compile_counted(
+            self.transformer, "transformer", mode, dynamic, backend)
         if decoder:
-            self._compiled["decode"] = torch.compile(self.autoencoder.decode, mode=mode)
+            self._compiled["decode"], self._counters["decode"] = compile_counted(
+                self.autoencoder.decode, "decode", mode, dynamic, backend)
 
     def uncompile(self) -> None:
         self._compiled.clear()
+
+    @property
+    def compilations(self) -> dict[str, int]:
+        """Graphs compiled so far per compiled module (kept across `uncompile`)."""
+        return {name: c.graphs for name, c in self._counters.items()}
+
+    def warm(self, sizes: Sequence[tuple[int, int]], batches: Sequence[int] = (1,)) -> dict[str, int]:
+        """Generate once (one step) at each (width, height) and batch size, so that compiling happens now and not on
+        a request; returns `compilations` after it."""
+        for w, h in sizes:
+            for n in batches:
+                self.generate("warm-up", width=w, height=h, steps=1, seed=0, num_images=n)
+        return self.compilations
 
     @property
     def compiled(self) -> bool:
@@ -529,18 +552,19 @@ class KleinPipeline:
         # The cache decides per step in Python, so a cached run stays eager (a compiled graph would break there).
         model = self.transformer if steps is not None else self._compiled.get("transformer", self.transformer)
 
+        cached = {} if steps is None else {"step_cache": steps}
+
         def velocity(x: Tensor, t: Tensor, i: int) -> Tensor:
             xin = sampling.pack(x).to(dt)
             if cfg:
                 xin, t = torch.cat([xin, xin]), torch.cat([t, t])
             if p.kv_cache_refs and ref_tok is not None and i == 0:
-                v, cache = self.transformer.extract_kv(xin, img_ids, txt, txt_ids, t, ref_tok, ref_ids,
-                                                       step_cache=steps)
+                v, cache = self.transformer.extract_kv(xin, img_ids, txt, txt_ids, t, ref_tok, ref_ids, **cached)
                 kv.append(cache)
             elif p.kv_cache_refs and ref_tok is not None:
-                v = model(xin, img_ids, txt, txt_ids, t, kv_cache=kv[0], step_cache=steps)
+                v = model(xin, img_ids, txt, txt_ids, t, kv_cache=kv[0], **cached)
             else:
-                v = model(xin, img_ids, txt, txt_ids, t, ref=ref_tok, ref_ids=ref_ids, step_cache=steps)
+                v = model(xin, img_ids, txt, txt_ids, t, ref=ref_tok, ref_ids=ref_ids, **cached)
             if cfg:
                 v = sampling.cfg_combine(v.float(), guidance)
             return sampling.unpack(v, th, tw)
@@ -559,7 +583,8 @@ class KleinPipeline:
         x, after_step = noise, None
         if first.edit is not None:
             timesteps = timesteps[first.edit.start :]
-            x, after_step = _edit_start(reqs, sources, noise, timesteps)
+            x, after_step = masking.start_state([r.edit for r in reqs], [r.num_images for r in reqs], sources,
+                                                noise, timesteps)
         try:
             with self._stage("transformer"):
                 x = sampling.euler(x, timesteps, velocity, on_step, after_step)
@@ -569,24 +594,6 @@ class KleinPipeline:
             if steps is not None:
                 for st in stats:
                     st["step_cache"] = {"computed_steps": steps.computed, "reused_steps": steps.reused}
-
-
-def _edit_start(reqs: list[Request], sources: list[Tensor], noise: Tensor, timesteps: list[float]
-                ) -> tuple[Tensor, Callable[[int, Tensor], Tensor] | None]:
-    """The noised sources to start from and, with masks, the step hook that re-imposes the kept region."""
-    rows = [r.num_images for r in reqs]
-    src = torch.cat([z.float().expand(n, -1, -1, -1) for z, n in zip(sources, rows, strict=True)])
-    x = masking.noised(src, noise, timesteps[0])
-    if reqs[0].edit is None or reqs[0].edit.latent_mask is None:
-        return x, None
-    mask = torch.cat([r.edit.latent_mask.expand(n, -1, -1, -1) for r, n in zip(reqs, rows, strict=True)]
-                     ).to(noise.device)  # type: ignore[union-attr]
-    last = len(timesteps) - 2
-
-    def after_step(i: int, x: Tensor) -> Tensor:
-        return masking.reimpose(x, src, noise, mask, None if i == last else timesteps[i + 1])
-
-    return x, after_step
 
 
 __all__ = ["GenerationCancelled", "GenerationResult", "KleinPipeline", "NonFiniteError", "ProgressCallback"]

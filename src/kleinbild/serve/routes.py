@@ -219,6 +219,11 @@ class Service:
                     help_text, {(("cache", c),): float(s[what]) for c, s in stats.items()})
             gauges["kleinbild_cache_entries"] = (
                 "entries held per cache", {(("cache", c),): float(s["entries"]) for c, s in stats.items()})
+            compiled = getattr(pipe, "compilations", {})  # a replica front has none
+            if compiled:
+                counters["kleinbild_compilations_total"] = (
+                    "torch.compile graphs compiled, per module",
+                    {(("module", m),): float(n) for m, n in compiled.items()})
         return gauges, counters
 
     async def playground(self) -> Response:
