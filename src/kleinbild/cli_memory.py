@@ -115,7 +115,7 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     if args.decoders:
         print(json.dumps(bench_memory.decoder_report((args.size,), repeats=args.repeats, threads=args.threads or 2)))
         return 0
-    res = bench_memory.run(args.preset, size=args.size, steps=args.steps,
+    res = bench_memory.run(args.preset, size=args.size, steps=args.steps or 4,
                            cache_dir=Path(args.cache_dir) if args.cache_dir else None, threads=args.threads or 2,
                            say=lambda m: print(m, file=sys.stderr, flush=True), device=args.device or "cpu")
     print(bench_memory.format_table(res))

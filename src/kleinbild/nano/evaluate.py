@@ -28,6 +28,7 @@ class Sample:
     example: shapes.Example
     image: Image.Image
     verdict: dict[str, bool]
+    settings: dict[str, Any] = field(default_factory=dict, repr=False)  # what generate() reported
 
 
 @dataclass
@@ -69,11 +70,13 @@ class Report:
 
 
 def evaluate(
-    pipe: Any, tasks: list[str] | tuple[str, ...] = TASKS, n: int = 50, seed: int = 0, steps: int | None = None
+    pipe: Any, tasks: list[str] | tuple[str, ...] = TASKS, n: int = 50, seed: int = 0, steps: int | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Report:
     """Generate each task's held-out examples with `pipe` and score them with the analyser.
 
-    `seed` picks both the example set and the noise (example i uses noise seed seed + i).
+    `seed` picks both the example set and the noise (example i uses noise seed seed + i); `options` go to every
+    generate() call (e.g. cache="first-block").
     """
     size = pipe.preset.default_size
     results = {}
@@ -89,7 +92,8 @@ def evaluate(
             edit: dict[str, Any] = {}
             if task == "masked":
                 edit = dict(mask=edit_mask(ex, size), keep_unmasked=True)
-            out = pipe.generate(ex.prompt, refs or None, width=size, height=size, steps=steps, seed=seed + i, **edit)
+            out = pipe.generate(ex.prompt, refs or None, width=size, height=size, steps=steps, seed=seed + i, **edit,
+                                **(options or {}))
             used_guidance = out.settings["guidance"]
             img = out.images[0]
             if task in PLAIN_TASKS:
@@ -100,7 +104,7 @@ def evaluate(
                 keep = np.asarray(edit["mask"]) == 0
                 diff = np.abs(np.asarray(img, np.int16) - np.asarray(refs[0], np.int16)).max(axis=-1)
                 verdict["unmasked_kept"] = bool((diff[keep] <= 1).all())
-            res.samples.append(Sample(ex, img, verdict))
+            res.samples.append(Sample(ex, img, verdict, out.settings))
         res.seconds = time.perf_counter() - t0
         results[task] = res
     return Report(pipe.preset.name, used_steps, used_guidance, results)
