@@ -113,3 +113,24 @@ def test_serve_benchmark_prints_every_configuration(capsys):
         assert r["images_per_s"] > 0 and 0 < r["latency_median_s"] <= r["latency_p90_s"]
     assert res["cpu"] and "2 replicas / 1 throughput" in res["ratios"]
     assert any(line.startswith("in-process") for line in out)
+
+
+def test_gpu_speed_probes_start_on_the_cpu(tmp_path, capsys):
+    """The GPU speed script runs every probe, small, on the CPU (dynamo without inductor's code generation)."""
+    import json
+
+    from kleinbild.bench import speed
+
+    out = tmp_path / "speed"
+    assert speed.main(["--device", "cpu", "--preset", "nano", "--base-preset", "nano-base", "--size", "128",
+                       "--sizes", "128,192,256", "--steps", "1", "--base-steps", "4", "--repeats", "1",
+                       "--backend", "eager", "--cache-settings", "teacache:0.3", "--out", str(out)]) == 0
+    res = json.loads((out / "speed.json").read_text())
+    assert res["recompiles"]["dynamic"] == {"transformer": 1, "decode": 1}
+    assert res["recompiles"]["static"]["transformer"] == 3
+    assert set(res["compiled_shapes"]) == {"eager", "static", "dynamic"}
+    assert res["fp8"]["layers"] > 0 and res["fp8"]["fp8"]["psnr_vs_bf16_db"] > 20
+    rows = res["step_cache"]["rows"]
+    assert [r["mode"] for r in rows] == ["none", "teacache"] and rows[0]["psnr_db"] == 100.0
+    assert res["profile"]["kleinbild"][0]["ms"] > 0 and (out / "trace-kleinbild.json").is_file()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == res

@@ -30,13 +30,14 @@ def _generate(pipe, w, h, n=1):
 
 
 def test_dynamic_shapes_compile_one_graph_for_three_sizes(nano, caplog):
-    nano.compile(dynamic=True, backend="eager", decoder=False)  # eager: dynamo's graphs without inductor's codegen
+    nano.compile(dynamic=True, backend="eager")  # eager: dynamo's graphs without inductor's code generation
     with caplog.at_level(logging.INFO, logger="kleinbild.compiling"):
         for w, h in SIZES:
             _generate(nano, w, h)
-    assert nano.compilations == {"transformer": 1}
+    # The decoder too: its sub-pixel kernels are prepared before compiling, so nothing breaks the graph.
+    assert nano.compilations == {"transformer": 1, "decode": 1}
     logged = [r.getMessage() for r in caplog.records]
-    assert len(logged) == 1 and logged[0].startswith("compiling transformer: graph 1 (inputs [(1, 64, 32)")
+    assert len(logged) == 2 and logged[0].startswith("compiling transformer: graph 1 (inputs [(1, 64, 32)")
 
 
 def test_static_shapes_compile_a_graph_per_size(nano):
@@ -87,7 +88,7 @@ def test_a_server_warmed_on_load_compiles_nothing_on_requests(monkeypatch):
     pipe = KleinPipeline.from_pretrained("nano", options)
     try:
         warmed = dict(pipe.compilations)
-        assert warmed["transformer"] == 2 and warmed["decode"] >= 1
+        assert warmed == {"transformer": 2, "decode": 2}  # batches of one and of two
         with live(pipe) as srv:
             for size in ("192x128", "128x256"):
                 r = srv.client.post("/v1/images/generations", json={"prompt": "a red circle", "size": size, "n": 3})

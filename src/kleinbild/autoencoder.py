@@ -118,10 +118,12 @@ class Upsample(nn.Module):
         self._phases = None  # new weights: the phase kernels are derived again
         super()._load_from_state_dict(*args, **kwargs)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.subpixel:
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def phases(self) -> tuple[Tensor, Tensor | None]:
+        """The phase kernels and the bias per phase, derived again only when the weight changed. Inside a compiled
+        graph the prepared ones are used as they are (reading a data pointer would break the graph)."""
         w = self.conv.weight
+        if torch.compiler.is_compiling() and self._phases is not None:
+            return self._phases[1], self._phases[2]
         key = (w.data_ptr(), w.dtype, w.device)
         if self._phases is None or self._phases[0] != key:
             k = subpixel_weight(w.detach().float()).to(w.dtype)
@@ -129,7 +131,13 @@ class Upsample(nn.Module):
                 k = k.contiguous(memory_format=torch.channels_last)
             bias = self.conv.bias.detach().repeat(4) if self.conv.bias is not None else None
             self._phases = (key, k, bias)
-        _, kernels, bias = self._phases
+        return self._phases[1], self._phases[2]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.subpixel:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        w = self.conv.weight
+        kernels, bias = self.phases()
         n, _, h, wd = x.shape
         co = w.shape[0]
         # Output (r, c) of the 2x2 convolution over the input padded by one sees input rows r-1, r and columns
@@ -276,6 +284,12 @@ class AutoEncoder(nn.Module):
         for m in self.decoder.modules():
             if isinstance(m, Upsample):
                 m.subpixel = enabled
+
+    def prepare_upsample(self) -> None:
+        """Derive the sub-pixel phase kernels now (before compiling, so a compiled decoder finds them ready)."""
+        for m in self.modules():
+            if isinstance(m, Upsample) and m.subpixel:
+                m.phases()
 
     def _layout(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self._channels_last else x

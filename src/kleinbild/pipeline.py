@@ -211,6 +211,7 @@ class KleinPipeline:
         self._compiled["transformer"], self._counters["transformer"] = compile_counted(
             self.transformer, "transformer", mode, dynamic, backend)
         if decoder:
+            self.autoencoder.prepare_upsample()
             self._compiled["decode"], self._counters["decode"] = compile_counted(
                 self.autoencoder.decode, "decode", mode, dynamic, backend)
 
