@@ -122,3 +122,16 @@ def test_cli_passes_the_cache_flags(tmp_path, capsys):
     settings = json.loads(capsys.readouterr().out)
     assert settings["step_cache"] == {"mode": "teacache", "threshold": 0.0, "computed_steps": 3, "reused_steps": 0}
     assert out.is_file()
+
+
+def test_from_png_makes_a_cached_image_again(tmp_path):
+    from kleinbild import cli
+
+    first, again = tmp_path / "a.png", tmp_path / "b.png"
+    assert cli.main(["generate", "a small red circle at the top left on a blue background", "-m", "nano-base",
+                     "--steps", "12", "--seed", "4", "--cache", "teacache", "--cache-threshold", "0.3", "-o",
+                     str(first), "-q"]) == 0
+    assert cli.main(["generate", "--from", str(first), "-o", str(again), "-q"]) == 0
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))

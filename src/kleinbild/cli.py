@@ -348,6 +348,9 @@ def _edit_from_png(args: argparse.Namespace, s: dict[str, Any]) -> None:
     for name in ("strength", "mask_crop", "expand"):
         if getattr(args, name) is None and s.get(name) is not None:
             setattr(args, name, s[name])
+    cached = s.get("step_cache")
+    if args.cache is None and cached:  # the steps it skipped are part of the image
+        args.cache, args.cache_threshold = cached["mode"], cached["threshold"]
     args.keep_unmasked = args.keep_unmasked or bool(s.get("keep_unmasked"))
     if s.get("masked") and args.mask is None:
         if not s.get("mask_path"):

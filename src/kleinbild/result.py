@@ -28,6 +28,9 @@ class GenerationResult:
         out["references"] = [{"size": size, "digest": digest} for size, digest in
                              zip(s.get("references", []), s.get("reference_digests", []), strict=True)]
         out |= {k: s[k] for k in _EDIT_KEYS if k in s}  # a masked or image-to-image edit
+        cached = s.get("step_cache")
+        if cached:  # the steps a step cache skipped are part of the image
+            out["step_cache"] = {"mode": cached["mode"], "threshold": cached["threshold"]}
         return out
 
 
