@@ -72,7 +72,8 @@ def test_words_nano_cannot_draw_get_a_note(prompt):
 
 @pytest.mark.parametrize("prompt", ["a red circle on a blue background", "two green squares", "Triangles!"])
 def test_prompts_naming_a_shape_get_none(prompt):
-    assert validate(get_preset("nano"), prompt).notes == ()
+    assert validate(get_preset("nano"), prompt, literal_prompt=True).notes == ()
+    assert not any("draws only" in note for note in validate(get_preset("nano"), prompt).notes)
 
 
 def test_official_models_and_edits_stay_silent():

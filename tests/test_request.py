@@ -40,8 +40,8 @@ def test_a_default_size_is_fitted_and_an_explicit_one_refused():
 
 
 def test_nano_knows_its_trained_size():
-    assert validate(NANO, "a red circle").notes == ()
-    big = validate(NANO, "a red circle", width=256, height=256)
+    assert validate(NANO, "a big red circle in the centre").notes == ()
+    big = validate(NANO, "a big red circle in the centre", width=256, height=256)
     assert "trained at 128 px only" in big.notes[0] and "use 128x128" in big.notes[0]
     ref = validate(NANO, "x", [Image.new("RGB", (512, 512), "red")])
     assert ref.references[0].size == (128, 128) and (ref.width, ref.height) == (128, 128) and ref.notes == ()

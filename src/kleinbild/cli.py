@@ -143,6 +143,8 @@ def _generate_parser(sub: Any) -> None:
     g.add_argument("--cache-threshold", type=float, metavar="X", help="relative change under which a step is "
                    "reused (0: none; default first-block 0.08, teacache 0.15)")
     g.add_argument("--negative-prompt", help="negative prompt (base models only; default empty)")
+    g.add_argument("--literal-prompt", action="store_true", help="encode the prompt as written (nano otherwise "
+                   "completes a prompt that leaves sizes or positions out)")
     g.add_argument("--seed", type=_seed, help="random seed; image i gets seed + i (default: a random one, printed)")
     g.add_argument("-n", "--num-images", type=_positive_int, default=1)
     g.add_argument("--out", "-o", default="out.png", help="output PNG; with -n > 1 files are NAME-0.png, NAME-1.png")
@@ -185,6 +187,8 @@ def _eval_parser(sub: Any) -> None:
     e.add_argument("--steps", type=_positive_int)
     e.add_argument("--seed", type=_seed, default=0)
     e.add_argument("--grid", help="write a PNG grid of prompts and outputs here")
+    e.add_argument("--literal-prompt", action="store_true", help="score the model on the prompts as written "
+                   "(nano otherwise completes the plain tasks' prompts, as it does for users)")
     e.add_argument("--json", action="store_true")
 
 
@@ -352,6 +356,7 @@ def _edit_from_png(args: argparse.Namespace, s: dict[str, Any]) -> None:
     if args.cache is None and cached:  # the steps it skipped are part of the image
         args.cache, args.cache_threshold = cached["mode"], cached["threshold"]
     args.keep_unmasked = args.keep_unmasked or bool(s.get("keep_unmasked"))
+    args.literal_prompt = args.literal_prompt or bool(s.get("literal_prompt"))
     if s.get("masked") and args.mask is None:
         if not s.get("mask_path"):
             raise ValueError(f"{args.from_png} was a masked edit whose mask it does not name; pass it with --mask")
@@ -386,7 +391,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                    steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
                    num_images=args.num_images, mask=_mask(args.mask), strength=args.strength, mask_crop=args.mask_crop,
                    expand=args.expand, keep_unmasked=args.keep_unmasked, cache=args.cache,
-                   cache_threshold=args.cache_threshold)
+                   cache_threshold=args.cache_threshold, literal_prompt=args.literal_prompt)
     t0 = time.perf_counter()
     pipe = KleinPipeline.from_located(files, options, source=str(args.model))
     if not args.quiet:
@@ -502,7 +507,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     pipe = KleinPipeline.from_pretrained(args.model, load_options(args))
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    report = evaluate(pipe, tasks, n=args.n, seed=args.seed, steps=args.steps)
+    options = {"literal_prompt": True} if args.literal_prompt else None
+    report = evaluate(pipe, tasks, n=args.n, seed=args.seed, steps=args.steps, options=options)
     print(format_table(report))
     if args.grid:
         save_grid(report, Path(args.grid))

@@ -211,6 +211,22 @@ class TextEncoderConfig:
 
 
 @dataclass(frozen=True)
+class PromptFill:
+    """How a small model with a closed vocabulary completes a plain prompt (`kleinbild.prompt_fill`).
+
+    A model trained on captions that name every object's size and position draws such captions far better than
+    "a red circle on a blue background"; the words it knows, and the size and places it gives an object whose
+    prompt leaves them out, are the model's own and so live in its preset.
+    """
+
+    sizes: tuple[tuple[str, tuple[str, ...]], ...]  # (size, the words that name it)
+    positions: tuple[tuple[str, tuple[str, ...]], ...]  # (position, the phrases that name it: "at the top left")
+    size: str  # given to an object whose prompt names no size
+    # Per object count (1, 2, ...): the places tried first for objects whose prompt names none; then the rest.
+    layouts: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
 class ModelPreset:
     """Everything that differs between the members of the family."""
 
@@ -250,6 +266,8 @@ class ModelPreset:
     # What a small model can draw, for a note when a prompt names none of it (empty: the model draws anything).
     objects: tuple[str, ...] = ()
     colours: tuple[str, ...] = ()
+    # How a prompt that leaves sizes or positions out is completed before encoding (None: used as written).
+    fill: PromptFill | None = None
 
 
 _DIT_4B = DiTConfig()
@@ -291,6 +309,30 @@ _NANO = dict(
     bundle="nano",
     objects=("circle", "square", "triangle"),
     colours=("red", "green", "blue", "yellow", "orange", "purple", "white", "black"),
+    # The shapes world's words (kleinbild.nano.shapes; a test keeps them equal). Completed prompts take the drills'
+    # phrasing, "a big red circle at the centre on a blue background", which nano draws best.
+    fill=PromptFill(
+        sizes=(("small", ("small", "little")), ("big", ("big", "large"))),
+        positions=tuple((pos, tuple(f"{prep} the {words}" for prep, words in phrases)) for pos, phrases in (
+            ("top left", (("in", "top left corner"), ("in", "top-left corner"), ("at", "top left"),
+                          ("in", "upper left"), ("in", "upper-left corner"))),
+            ("top", (("at", "top"), ("at", "top middle"), ("at", "top centre"), ("at", "top center"),
+                     ("near", "top edge"))),
+            ("top right", (("in", "top right corner"), ("in", "top-right corner"), ("at", "top right"),
+                           ("in", "upper right"), ("in", "upper-right corner"))),
+            ("left", (("on", "left"), ("on", "left side"), ("at", "middle left"), ("near", "left edge"))),
+            ("centre", (("in", "centre"), ("in", "center"), ("in", "middle"), ("at", "centre"), ("at", "center"))),
+            ("right", (("on", "right"), ("on", "right side"), ("at", "middle right"), ("near", "right edge"))),
+            ("bottom left", (("in", "bottom left corner"), ("in", "bottom-left corner"), ("at", "bottom left"),
+                             ("in", "lower left"), ("in", "lower left corner"))),
+            ("bottom", (("at", "bottom"), ("at", "bottom middle"), ("at", "bottom centre"), ("at", "bottom center"),
+                        ("near", "bottom edge"))),
+            ("bottom right", (("in", "bottom right corner"), ("in", "bottom-right corner"), ("at", "bottom right"),
+                              ("in", "lower right"), ("in", "lower right corner"))),
+        )),
+        size="big",
+        layouts=(("centre",), ("left", "right"), ("left", "centre", "right")),
+    ),
 )
 
 PRESETS: dict[str, ModelPreset] = {

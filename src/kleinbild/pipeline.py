@@ -353,12 +353,14 @@ class KleinPipeline:
         keep_unmasked: bool = False,
         cache: str | None = None,
         cache_threshold: float | None = None,
+        literal_prompt: bool = False,
     ) -> Request:
         """Validate a request for this model (see `kleinbild.request.validate`); nothing runs yet."""
         return validate(self.preset, prompt, images, width=width, height=height, steps=steps, guidance=guidance,
                         negative_prompt=negative_prompt, seed=seed, num_images=num_images, noise=noise,
                         max_pixels=max_pixels, mask=mask, strength=strength, mask_crop=mask_crop, expand=expand,
-                        keep_unmasked=keep_unmasked, cache=cache, cache_threshold=cache_threshold)
+                        keep_unmasked=keep_unmasked, cache=cache, cache_threshold=cache_threshold,
+                        literal_prompt=literal_prompt)
 
     def generate(
         self,
@@ -381,6 +383,7 @@ class KleinPipeline:
         keep_unmasked: bool = False,
         cache: str | None = None,
         cache_threshold: float | None = None,
+        literal_prompt: bool = False,
     ) -> GenerationResult:
         """Text-to-image (no image), edit (one) or multi-reference generation (several).
 
@@ -396,11 +399,16 @@ class KleinPipeline:
 
         Step caching (base models): `cache="first-block"` or `"teacache"` reuses the transformer's residual on steps
         that change less than `cache_threshold` (`kleinbild.step_cache`; 0 reuses nothing). Off by default.
+
+        nano completes a text-to-image prompt that leaves sizes or positions out ("a red circle on a blue
+        background" is read as "a big red circle at the centre on a blue background", `kleinbild.prompt_fill`);
+        `literal_prompt=True` encodes it as written.
         """
         req = self.request(prompt, images, width=width, height=height, steps=steps, guidance=guidance,
                            negative_prompt=negative_prompt, seed=seed, num_images=num_images, noise=noise,
                            mask=mask, strength=strength, mask_crop=mask_crop, expand=expand,
-                           keep_unmasked=keep_unmasked, cache=cache, cache_threshold=cache_threshold)
+                           keep_unmasked=keep_unmasked, cache=cache, cache_threshold=cache_threshold,
+                        literal_prompt=literal_prompt)
         return self.run([req], callback)[0]
 
     def generate_batch(
@@ -492,10 +500,10 @@ class KleinPipeline:
         """Prompt embeddings, one row per image: [uncond x N, cond x N] with CFG (the layout cfg_combine splits)."""
         counts = [r.num_images for r in reqs]
         if cfg:
-            prompts = [x for r in reqs for x in (r.negative_prompt or "", r.prompt)]
+            prompts = [x for r in reqs for x in (r.negative_prompt or "", r.text)]
             per = [st for st in stats for _ in range(2)]
         else:
-            prompts, per = [r.prompt for r in reqs], stats
+            prompts, per = [r.text for r in reqs], stats
         emb = self._cached_prompts(prompts, per)
 
         def rows(embs: list[Tensor]) -> Tensor:

@@ -27,6 +27,7 @@ from kleinbild.cache import content_key
 from kleinbild.config import ModelPreset
 from kleinbild.images import MAX_PIXELS, MIN_SIDE, InputError, open_image, prepare_reference
 from kleinbild.masking import Edit, MaskInput, prepare_edit
+from kleinbild.prompt_fill import complete_prompt
 from kleinbild.step_cache import CACHE_MODES, DEFAULT_THRESHOLDS, CacheSpec
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,13 @@ class Request:
     reference_digests: tuple[str, ...] = ()  # content keys of the prepared references (cache keys, metadata)
     edit: Edit | None = None  # masked editing or image-to-image: references[0] is the image worked on
     cache: CacheSpec | None = None  # step caching (kleinbild.step_cache); None: every step computed in full
+    completed_prompt: str | None = None  # what the text encoder reads instead (kleinbild.prompt_fill)
+    literal_prompt: bool = False  # the prompt is encoded as written, never completed
+
+    @property
+    def text(self) -> str:
+        """The prompt the text encoder reads: the completed one where the preset completed it."""
+        return self.completed_prompt or self.prompt
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -92,6 +100,8 @@ class Request:
             "reference_digests": list(self.reference_digests), "notes": list(self.notes),
             **({} if self.edit is None else self.edit.settings()),
             "step_cache": None if self.cache is None else self.cache.summary(),
+            **({} if self.completed_prompt is None else {"completed_prompt": self.completed_prompt}),
+            **({"literal_prompt": True} if self.literal_prompt else {}),
         }
 
     def split(self, size: int) -> list[Request]:
@@ -128,6 +138,7 @@ def validate(
     keep_unmasked: Any = False,
     cache: Any = None,
     cache_threshold: Any = None,
+    literal_prompt: Any = False,
 ) -> Request:
     """Check and resolve one request for `preset`; raises InputError naming the bad value (and its `param`).
 
@@ -135,6 +146,8 @@ def validate(
     size, or the preset's) is scaled down to fit, keeping its aspect. With a `mask`, `strength`, `mask_crop`,
     `expand` or `keep_unmasked` the first image is the one edited (see `kleinbild.masking.prepare_edit`).
     `cache` ("first-block" or "teacache") with `cache_threshold` turns on step caching (`kleinbild.step_cache`).
+    A text-to-image prompt for a model with a closed vocabulary (nano) that leaves sizes or positions out is
+    completed before encoding (`kleinbild.prompt_fill`) unless `literal_prompt`.
     """
     notes: list[str] = []
     if not isinstance(prompt, str):
@@ -156,13 +169,20 @@ def validate(
         refs = _references(preset, images)
         w, h = _size(preset, width, height, refs, max_pixels, notes)
     _untrained_size(preset, w, h, notes)
+    if not isinstance(literal_prompt, bool):
+        raise InputError(f"literal_prompt must be true or false, got {literal_prompt!r}", "literal_prompt")
+    completed = None
     if not refs:
         _unknown_objects(preset, prompt, notes)
+        completed = None if literal_prompt else complete_prompt(preset, prompt)
+        if completed is not None:
+            notes.append(f'{preset.name} reads this prompt as "{completed}" (it draws best with every size and '
+                         "position named; literal_prompt keeps the prompt as written)")
     seed = _seed(seed, num_images, noise, (num_images, preset.ae.latent_channels, h // preset.ae.downscale,
                                               w // preset.ae.downscale))
     digests = tuple(content_key(b"reference", im.mode.encode(), f"{im.size}".encode(), im.tobytes()) for im in refs)
     return Request(prompt, negative_prompt, tuple(refs), w, h, steps, guidance, seed, num_images, noise,
-                   tuple(notes), digests, edit, step_cache)
+                   tuple(notes), digests, edit, step_cache, completed, literal_prompt)
 
 
 def _cache(mode: Any, threshold: Any) -> CacheSpec | None:

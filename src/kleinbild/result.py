@@ -31,6 +31,7 @@ class GenerationResult:
         cached = s.get("step_cache")
         if cached:  # the steps a step cache skipped are part of the image
             out["step_cache"] = {"mode": cached["mode"], "threshold": cached["threshold"]}
+        out |= {k: s[k] for k in ("completed_prompt", "literal_prompt") if k in s}  # what the text encoder read
         return out
 
 

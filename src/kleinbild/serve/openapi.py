@@ -22,6 +22,8 @@ _FIELDS: dict[str, Any] = {
     "steps": {"type": "integer", "minimum": 1},
     "guidance": {"type": "number", "minimum": 0},
     "negative_prompt": _STR,
+    "literal_prompt": {"type": "boolean", "description": "encode the prompt as written (nano otherwise completes "
+                       "a prompt that leaves sizes or positions out)"},
     "model": _STR,
     "response_format": {"enum": ["b64_json", "url"]},
     "output_format": {"enum": ["png", "jpeg", "webp"]},

@@ -69,7 +69,7 @@ _UNSUPPORTED = {
 _KNOWN = frozenset({
     "prompt", "n", "size", "response_format", "output_format", "output_compression", "seed", "steps", "guidance",
     "negative_prompt", "model", "background", "stream", "partial_images", "image", "images", "mask", "strength",
-    "keep_unmasked", "mask_crop", "expand",
+    "keep_unmasked", "mask_crop", "expand", "literal_prompt",
 })
 
 
@@ -369,7 +369,8 @@ def build_job(body: Body, kind: str, pipe: KleinPipeline, settings: ServerSettin
                 guidance=fields.number("guidance", 0.0, 100.0),
                 negative_prompt=fields.text("negative_prompt", max_len=settings.max_prompt_chars),
                 seed=fields.integer("seed", 0, MAX_SEED - settings.max_n), num_images=n,
-                max_pixels=settings.max_pixels, **_edit_args(fields, body.mask, settings))
+                max_pixels=settings.max_pixels, literal_prompt=bool(fields.flag("literal_prompt")),
+                **_edit_args(fields, body.mask, settings))
     try:
         request = pipe.request(prompt, pil, **args)
     except InputError as e:
