@@ -4,7 +4,8 @@
 # evaluates both models at n=100. Every stage resumes from its checkpoint, so an interrupted run is continued by
 # running the same command again. BUNDLE=1 copies the result into src/kleinbild/weights/nano.
 #
-#   bash tools/nano_recipe.sh [RUN]        (default RUN: runs/nano-plain; ~1.3 h on 2 CPU cores)
+#   bash tools/nano_recipe.sh [RUN]        (default RUN: runs/nano-plain; 1.5 h of training and 0.4 h of
+#                                           evaluation on 2 CPU cores, docs/nano.md)
 set -euo pipefail
 RUN=${1:-runs/nano-plain}
 START=${START:-23361ee}
@@ -40,11 +41,14 @@ kleinbild train distill --run "$P" --init "$RUN/distill/dit.safetensors" --seed 
   --mix 0.2,0.45,0.1,0.05,0,0.2 --plain-substeps 4
 if [ "${BUNDLE:-0}" = 1 ]; then kleinbild train bundle --run "$P"; fi
 
-ev() {  # ev PRESET DIT STEPS NAME: the table, then one line of JSON, kept in $RUN/eval-NAME.txt
+ev() {  # ev PRESET DIT STEPS NAME [EVAL FLAGS]: the table, then one line of JSON, kept in $P/eval-NAME.txt
   [ -s "$P/eval-$4.txt" ] || kleinbild eval --preset "$1" -m "$2" --vae "$RUN/ae/ae.safetensors" \
-    --text-encoder "$P/base/text_encoder" --n 100 --steps "$3" --json > "$P/eval-$4.txt.part"
+    --text-encoder "$P/base/text_encoder" --n 100 --steps "$3" --json "${@:5}" > "$P/eval-$4.txt.part"
   [ -s "$P/eval-$4.txt" ] || mv "$P/eval-$4.txt.part" "$P/eval-$4.txt"
   grep -v '^{' "$P/eval-$4.txt"
 }
 ev nano "$P/distill/dit.safetensors" 4 nano
 ev nano-base "$P/base/dit.safetensors" 50 nano-base
+# The model alone on plain prompts (the evaluations above complete them, as generate does).
+ev nano "$P/distill/dit.safetensors" 4 nano-literal --tasks plain,plain_double --literal-prompt
+ev nano-base "$P/base/dit.safetensors" 50 nano-base-literal --tasks plain,plain_double --literal-prompt
