@@ -19,7 +19,7 @@ from kleinbild.cache import ContentCache, cached_latents, cached_prompts
 from kleinbild.compiling import CompileCounter, compile_counted, compile_shapes
 from kleinbild.config import ModelPreset
 from kleinbild.files import release_file_pages
-from kleinbild.images import MAX_PIXELS, InputError, to_pil, to_tensor
+from kleinbild.images import InputError, to_pil, to_tensor
 from kleinbild.loading import LoadOptions, ModelFiles, load_tokenizer, locate_with, pick_device, pick_dtype
 from kleinbild.masking import MaskInput
 from kleinbild.request import ImageInput, Request, validate
@@ -332,35 +332,11 @@ class KleinPipeline:
 
     # ------------------------------------------------------------ generate
 
-    def request(
-        self,
-        prompt: str,
-        images: Sequence[ImageInput] | ImageInput | None = None,
-        *,
-        width: int | None = None,
-        height: int | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        negative_prompt: str | None = None,
-        seed: int | None = None,
-        num_images: int = 1,
-        noise: Tensor | None = None,
-        max_pixels: int = MAX_PIXELS,
-        mask: MaskInput | None = None,
-        strength: float | None = None,
-        mask_crop: int | None = None,
-        expand: tuple[int, int, int, int] | None = None,
-        keep_unmasked: bool = False,
-        cache: str | None = None,
-        cache_threshold: float | None = None,
-        literal_prompt: bool = False,
-    ) -> Request:
-        """Validate a request for this model (see `kleinbild.request.validate`); nothing runs yet."""
-        return validate(self.preset, prompt, images, width=width, height=height, steps=steps, guidance=guidance,
-                        negative_prompt=negative_prompt, seed=seed, num_images=num_images, noise=noise,
-                        max_pixels=max_pixels, mask=mask, strength=strength, mask_crop=mask_crop, expand=expand,
-                        keep_unmasked=keep_unmasked, cache=cache, cache_threshold=cache_threshold,
-                        literal_prompt=literal_prompt)
+    def request(self, prompt: str, images: Sequence[ImageInput] | ImageInput | None = None, **options: Any
+                ) -> Request:
+        """Validate a request for this model; `options` are `kleinbild.request.validate`'s keywords (generate()'s,
+        and `max_pixels`). Nothing runs yet."""
+        return validate(self.preset, prompt, images, **options)
 
     def generate(
         self,
@@ -400,15 +376,14 @@ class KleinPipeline:
         Step caching (base models): `cache="first-block"` or `"teacache"` reuses the transformer's residual on steps
         that change less than `cache_threshold` (`kleinbild.step_cache`; 0 reuses nothing). Off by default.
 
-        nano completes a text-to-image prompt that leaves sizes or positions out ("a red circle on a blue
-        background" is read as "a big red circle at the centre on a blue background", `kleinbild.prompt_fill`);
-        `literal_prompt=True` encodes it as written.
+        nano completes a plain prompt ("a red circle" is read as "a big red circle at the centre",
+        `kleinbild.prompt_fill`); `literal_prompt=True` encodes it as written.
         """
         req = self.request(prompt, images, width=width, height=height, steps=steps, guidance=guidance,
                            negative_prompt=negative_prompt, seed=seed, num_images=num_images, noise=noise,
                            mask=mask, strength=strength, mask_crop=mask_crop, expand=expand,
                            keep_unmasked=keep_unmasked, cache=cache, cache_threshold=cache_threshold,
-                        literal_prompt=literal_prompt)
+                           literal_prompt=literal_prompt)
         return self.run([req], callback)[0]
 
     def generate_batch(
