@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from kleinbild.config import get_preset
+
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 70),
@@ -221,23 +223,13 @@ def render(scene: Scene, size: int = 128, drawers: dict[str, Callable[[ImageDraw
 # Language
 
 # Per position: (preposition, words after "the"). Destinations use "to the <words>".
+# The words come from nano's preset (its `fill`, which completes plain prompts): one table for both.
+_FILL = get_preset("nano").fill
+assert _FILL is not None
 POSITION_PHRASES: dict[str, tuple[tuple[str, str], ...]] = {
-    "top left": (("in", "top left corner"), ("in", "top-left corner"), ("at", "top left"), ("in", "upper left"),
-                 ("in", "upper-left corner")),
-    "top": (("at", "top"), ("at", "top middle"), ("at", "top centre"), ("at", "top center"), ("near", "top edge")),
-    "top right": (("in", "top right corner"), ("in", "top-right corner"), ("at", "top right"), ("in", "upper right"),
-                  ("in", "upper-right corner")),
-    "left": (("on", "left"), ("on", "left side"), ("at", "middle left"), ("near", "left edge")),
-    "centre": (("in", "centre"), ("in", "center"), ("in", "middle"), ("at", "centre"), ("at", "center")),
-    "right": (("on", "right"), ("on", "right side"), ("at", "middle right"), ("near", "right edge")),
-    "bottom left": (("in", "bottom left corner"), ("in", "bottom-left corner"), ("at", "bottom left"),
-                    ("in", "lower left"), ("in", "lower left corner")),
-    "bottom": (("at", "bottom"), ("at", "bottom middle"), ("at", "bottom centre"), ("at", "bottom center"),
-               ("near", "bottom edge")),
-    "bottom right": (("in", "bottom right corner"), ("in", "bottom-right corner"), ("at", "bottom right"),
-                     ("in", "lower right"), ("in", "lower right corner")),
+    pos: tuple(tuple(p.split(" the ", 1)) for p in phrases) for pos, phrases in _FILL.positions  # (prep, words)
 }
-SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little"), "big": ("big", "large")}
+SIZE_WORDS: dict[str, tuple[str, ...]] = dict(_FILL.sizes)
 BACKGROUND_WORDS: tuple[str, ...] = ("background", "backdrop")
 _NUMBER_WORDS = {2: "two", 3: "three"}
 
