@@ -60,18 +60,18 @@ def test_eval_subset_meets_the_goals(nano, nano_base):
 
     tasks = ["single", "double", "compose", "plain", "plain_double"]
     fast = evaluate(nano, tasks, n=20, seed=1000).summary()["tasks"]
-    # Measured on this subset (2026-12-07); the margins are 2-3 images of 20, the subset's noise.
+    # Measured on this subset (2026-12-08); the margins are 2-3 images of 20, the subset's noise.
     assert fast["single"]["score"] >= 0.8  # measured 0.90 (goal 0.8)
     assert fast["double"]["score"] >= 0.8  # measured 0.90 (goal 0.5)
-    assert fast["compose"]["score"] >= 0.85  # measured 0.95 (goal 0.6)
-    # Plain prompts as users write them, completed by the preset: measured 1.00 and 0.85 (0.94 / 0.95 at n=100).
+    assert fast["compose"]["score"] >= 0.9  # measured 1.00 (goal 0.6)
+    # Plain prompts as users write them, completed by the preset: measured 1.00 and 0.80 (0.96 / 0.94 at n=100).
     assert fast["plain"]["score"] >= 0.85 and fast["plain_double"]["score"] >= 0.7
-    # The model alone on them (no completion): measured 0.30 (0.33 at n=100).
+    # The model alone on them (no completion): measured 0.25 (0.38 at n=100).
     literal = evaluate(nano, ["plain"], n=20, seed=1000, options={"literal_prompt": True}).summary()["tasks"]
     assert literal["plain"]["score"] >= 0.15
     # Edits vary most between examples (five kinds of edit): 40 of them, where one image moves the score by 0.025.
     edit = evaluate(nano, ["edit"], n=40, seed=1000).summary()["tasks"]["edit"]["score"]
-    assert edit >= 0.6  # measured 0.70 (goal 0.7; 0.703 at n=300, 0.72 at n=50)
+    assert edit >= 0.6  # measured 0.68 (goal 0.7; 0.65 at n=100, 0.72 on 300 more)
     slow = evaluate(nano_base, ["single"], n=20, seed=1000, steps=50).summary()["tasks"]  # measured 0.90
     assert fast["single"]["score"] >= slow["single"]["score"] - 0.1
 
