@@ -72,7 +72,7 @@ def test_eval_subset_meets_the_goals(nano, nano_base):
     # Edits vary most between examples (five kinds of edit): 40 of them, where one image moves the score by 0.025.
     edit = evaluate(nano, ["edit"], n=40, seed=1000).summary()["tasks"]["edit"]["score"]
     assert edit >= 0.6  # measured 0.68 (goal 0.7; 0.65 at n=100, 0.72 on 300 more)
-    slow = evaluate(nano_base, ["single"], n=20, seed=1000, steps=50).summary()["tasks"]  # measured 0.90
+    slow = evaluate(nano_base, ["single"], n=20, seed=1000, steps=50).summary()["tasks"]  # measured 0.85
     assert fast["single"]["score"] >= slow["single"]["score"] - 0.1
 
 

@@ -25,10 +25,10 @@ for f in config.json model.safetensors tokenizer.json tokenizer_config.json; do
 done
 take flux-2-nano.safetensors "$RUN/student-init.safetensors"
 
-# The base, from the shipped one: 1500 steps x 32 at a low learning rate (batch 32 on the CPU is an eighth of the
+# The base, from the round-10 one: 1500 steps x 32 at a low learning rate (batch 32 on the CPU is an eighth of the
 # GPU rounds' batch, so their 3e-4 would shake it), with plain captions in 20% of the batches and edits in 40%.
 kleinbild train base --run "$RUN" --init "$RUN/init" --steps 1500 --lr 6e-5 --mix 0.2,0.4,0.15,0.05,0,0.2
-# The student, from the shipped one: 100 x 32 new teacher trajectories (plain ones solved with 4 teacher steps per
+# The student, from the round-10 one: 100 x 32 new teacher trajectories (plain ones solved with 4 teacher steps per
 # student step), 600 steps at lr 5e-5.
 kleinbild train distill --run "$RUN" --init "$RUN/student-init.safetensors" --seed 11 --chunks 100 --steps 600 \
   --lr 5e-5 --mix 0.2,0.45,0.15,0.05,0,0.15 --plain-substeps 4
