@@ -72,6 +72,32 @@ def test_in_process_bench_gives_the_peer_the_same_weights():
     assert "end to end (s)" in bench_device.format_table(res)
 
 
+def test_stage_times_add_up_every_decode_call():
+    """diffusers decodes in two calls (the VAE, then its postprocess to PIL): the decode stage holds both."""
+    import time
+    from types import SimpleNamespace
+
+    from kleinbild.bench.device import _stage_times
+
+    calls: list[str] = []
+
+    def pause(name: str, seconds: float):
+        return lambda *a, **k: (calls.append(name), time.sleep(seconds))[0]
+
+    text, vae, post = (SimpleNamespace(run=pause(n, s)) for n, s in (("text", 0.0), ("vae", 0.05), ("post", 0.04)))
+
+    def generate(on_step):
+        text.run()
+        on_step()
+        vae.run()
+        post.run()
+
+    st = _stage_times(generate, (text, "run"), [(vae, "run"), (post, "run")], torch.device("cpu"))
+    assert calls == ["text", "vae", "post"]
+    assert st["decode"] >= 0.09, "both decode calls are counted"
+    assert text.run.__name__ == vae.run.__name__ == "<lambda>", "the hooks are removed afterwards"
+
+
 def test_random_weights_refuse_uninitialised_buffers():
     from torch import nn
 

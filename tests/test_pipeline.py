@@ -218,3 +218,22 @@ def test_a_small_model_runs_on_its_presets_cpu_threads(monkeypatch):
         assert seen == [2]
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_image_bytes_equal_diffusers_postprocess(dtype):
+    from diffusers.image_processor import VaeImageProcessor
+
+    from kleinbild.images import to_pil
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, 40, 24, generator=g) * 0.8).to(dtype)
+    # Values whose scaled form lands exactly on a half (ties round to even), and values outside [-1, 1].
+    x[0, 0, 0, :6] = torch.tensor([-1.5, -1.0, 1.0, 1.5, 2 * (0.5 / 255) - 1, 2 * (1.5 / 255) - 1], dtype=dtype)
+    got = to_pil(x)
+    # Given bfloat16, diffusers would round x / 2 + 0.5 to bfloat16 before scaling (up to one level off); kleinbild
+    # converts to float32 first, so its reference is the float32 postprocess of the same values.
+    expect = VaeImageProcessor().postprocess(x.float(), output_type="pil")
+    for a, b in zip(got, expect, strict=True):
+        assert a.mode == "RGB" and a.size == (24, 40)
+        assert np.array_equal(np.asarray(a), np.asarray(b))

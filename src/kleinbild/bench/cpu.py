@@ -347,6 +347,8 @@ def child(engine: str, folder: str, size: int, steps: int, dtype: str, text_laye
 
         pipe.encode_prompt = timed("text", pipe.encode_prompt)
         pipe.vae.decode = timed("decode", pipe.vae.decode)
+        # kleinbild's decode stage ends in PIL images, so this one includes the postprocess as well.
+        pipe.image_processor.postprocess = timed("decode", pipe.image_processor.postprocess)
         t0 = time.perf_counter()
         image = pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps,
                      generator=torch.Generator("cpu").manual_seed(seed), text_encoder_out_layers=tuple(text_layers),

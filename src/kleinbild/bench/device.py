@@ -157,9 +157,10 @@ def _diffusers_call(peer: Any, pipe: Any, size: int, steps: int, seed: int) -> C
     return call
 
 
-def _stage_times(call: Callable, encoder: tuple[Any, str], decoder: tuple[Any, str],
+def _stage_times(call: Callable, encoder: tuple[Any, str], decoder: list[tuple[Any, str]],
                  device: torch.device) -> dict[str, Any]:
-    """One run with syncs at stage boundaries: text encoding, each step, decode."""
+    """One run with syncs at stage boundaries: text encoding, each step, decode (the sum of the `decoder` calls:
+    latent to PIL image in both engines)."""
     marks: dict[str, float] = {}
     step_marks: list[float] = []
 
@@ -177,7 +178,7 @@ def _stage_times(call: Callable, encoder: tuple[Any, str], decoder: tuple[Any, s
         setattr(owner, attr, timed)
         return lambda: setattr(owner, attr, fn)
 
-    undo = [wrap(*encoder, "text"), wrap(*decoder, "decode")]
+    undo = [wrap(*encoder, "text")] + [wrap(*d, "decode") for d in decoder]
 
     def on_step() -> None:
         _sync(device)
@@ -247,18 +248,20 @@ def _compare_engines(pipe: Any, tok_dir: Path, res: dict[str, Any], size: int, s
 
     p, dev, dt = pipe.preset, pipe.device, pipe.dtype
     calls: dict[str, Callable] = {"kleinbild": _kleinbild_call(pipe, size, steps, seed)}
-    stage_hooks: dict[str, tuple[tuple[Any, str], tuple[Any, str]]] = {
-        "kleinbild": ((pipe, "encode_prompt"), (pipe, "decode"))}
+    stage_hooks: dict[str, tuple[tuple[Any, str], list[tuple[Any, str]]]] = {
+        "kleinbild": ((pipe, "encode_prompt"), [(pipe, "decode")])}
     if compile:
         fast = KleinPipeline(p, pipe.transformer, pipe.autoencoder, pipe.text_encoder, pipe.tokenizer, dev, dt)
         fast.configure_caches(prompts=0)
         fast.compile()
         calls["kleinbild-compiled"] = _kleinbild_call(fast, size, steps, seed)
-        stage_hooks["kleinbild-compiled"] = ((fast, "encode_prompt"), (fast, "decode"))
+        stage_hooks["kleinbild-compiled"] = ((fast, "encode_prompt"), [(fast, "decode")])
     if vs == "diffusers":
         peer = diffusers_peer(pipe, tok_dir, seed)
         calls["diffusers"] = _diffusers_call(peer, pipe, size, steps, seed)
-        stage_hooks["diffusers"] = ((peer, "encode_prompt"), (peer.vae, "decode"))
+        # kleinbild's decode stage ends in PIL images, so diffusers' includes its postprocess as well.
+        stage_hooks["diffusers"] = ((peer, "encode_prompt"),
+                                    [(peer.vae, "decode"), (peer.image_processor, "postprocess")])
     elif vs is not None:
         raise ValueError(f"unknown peer {vs!r}; use diffusers")
 
