@@ -155,8 +155,45 @@ def test_gpu_speed_probes_start_on_the_cpu(tmp_path, capsys):
     assert res["recompiles"]["dynamic"] == {"transformer": 1, "decode": 1}
     assert res["recompiles"]["static"]["transformer"] == 3
     assert set(res["compiled_shapes"]) == {"eager", "static", "dynamic"}
+    paths = res["eager_paths"]
+    assert set(paths) == {"current", "real_rope", "unfused_rms_norm", "both_previous"}
+    assert paths["current"]["psnr_vs_current_db"] == 100.0 and paths["both_previous"]["psnr_vs_current_db"] > 30
+    from kleinbild import transformer
+
+    assert transformer.complex_rope(torch.device("cpu")), "the probe restores the forms it swapped"
     assert res["fp8"]["layers"] > 0 and res["fp8"]["fp8"]["psnr_vs_bf16_db"] > 20
     rows = res["step_cache"]["rows"]
     assert [r["mode"] for r in rows] == ["none", "teacache"] and rows[0]["psnr_db"] == 100.0
     assert res["profile"]["kleinbild"][0]["ms"] > 0 and (out / "trace-kleinbild.json").is_file()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == res
+
+
+def test_kernel_count_sees_copies_and_not_views():
+    import torch.nn.functional as F
+
+    from kleinbild.bench.traffic import count
+
+    with torch.device("meta"):
+        a, w = torch.empty(1, 64, 32, dtype=torch.bfloat16), torch.empty(16, 32, dtype=torch.bfloat16)
+    assert count(lambda: a.reshape(64, 32))["kernels"] == 0, "a view moves nothing"
+    copy = count(lambda: a.transpose(1, 2).reshape(-1))
+    assert copy["other_kernels"] == 1 and copy["other_gb"] == round(2 * 64 * 32 * 2 / 1e9, 4)
+    product = count(lambda: F.linear(a, w))
+    assert product["kernels"] == 1 and product["other_kernels"] == 0, "a linear is one matrix product"
+    strided = count(lambda: F.scaled_dot_product_attention(*(a[:, None].transpose(-1, -2),) * 3))
+    assert "attention_unfused" in strided["top"], "a strided head dim keeps a GPU off its fused attention"
+
+
+def test_eager_gpu_path_moves_fewer_bytes_than_diffusers():
+    """The GPU code path of both engines at klein-4b's full size, counted on the meta device: kleinbild's DiT step
+    and decoder launch fewer non-product kernels and move fewer bytes through them than diffusers'."""
+    from kleinbild.bench import traffic
+
+    dit = traffic.dit("klein-4b", size=1024)
+    ours, peer = dit["kleinbild"]["step"], dit["diffusers"]["step"]
+    assert ours["other_gb"] < 0.8 * peer["other_gb"] and ours["other_kernels"] < peer["other_kernels"]
+    for block in ("double_block", "single_block"):
+        assert dit["kleinbild"][block]["other_gb"] < dit["diffusers"][block]["other_gb"]
+    dec = traffic.decoder("klein-4b", size=1024)
+    assert dec["kleinbild"]["other_gb"] < dec["diffusers"]["other_gb"]
+    assert "attention_unfused" not in dec["kleinbild"]["top"]

@@ -161,7 +161,7 @@ def test_converters_round_trip():
     assert back.keys() == ae_sd.keys() and all(torch.equal(back[k], ae_sd[k]) for k in ae_sd)
 
 
-def test_cpu_rotation_as_one_complex_product_equals_the_real_form():
+def test_rotation_as_one_complex_product_equals_the_real_form():
     from kleinbild.transformer import apply_rope, rope_tables
 
     g = torch.Generator().manual_seed(0)
@@ -175,6 +175,29 @@ def test_cpu_rotation_as_one_complex_product_equals_the_real_form():
     fast, plain = apply_rope(xb, cos, sin, rot), apply_rope(xb, cos, sin)
     assert fast.dtype == torch.bfloat16
     assert (fast.float() - plain.float()).abs().max() <= 2 ** -7 * plain.float().abs().max()  # one bf16 ulp
+
+
+def test_complex_rotation_except_where_compiled_or_on_mps(monkeypatch):
+    from kleinbild.transformer import complex_rope
+
+    assert all(complex_rope(torch.device(d)) for d in ("cpu", "cuda", "meta"))
+    assert not complex_rope(torch.device("mps"))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not complex_rope(torch.device("cuda")), "inductor fuses the real form; it has no complex kernels"
+    assert complex_rope(torch.device("cpu")), "the CPU's compiled graphs keep the form they were tested with"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_equals_the_reference_form_bit_for_bit(dtype):
+    from kleinbild.transformer import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    qkv = (torch.randn(2, 300, 3, 4, 64, generator=g) * 3).to(dtype).permute(2, 0, 3, 1, 4)  # heads of a fused qkv
+    scale = (1 + 0.1 * torch.randn(64, generator=g)).to(dtype)
+    for x in (qkv[0], qkv[1].contiguous()):
+        fused, plain = rms_norm(x, scale, 1e-6, fused=True), rms_norm(x, scale, 1e-6, fused=False)
+        assert fused.dtype == plain.dtype == dtype
+        assert torch.equal(fused, plain)
 
 
 @pytest.mark.skipif(not prepacked_linear_available(), reason="this PyTorch has no oneDNN bfloat16")

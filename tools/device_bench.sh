@@ -2,7 +2,8 @@
 # The GPU measurement, run on a GPU machine from the repository root (see BENCHMARKS.md):
 #   carry .whl (diffusers 0.42.1 + importlib_metadata wheels, pip download'ed here), results under $OUT.
 # PARTS picks what runs (default all): engines (eager and compiled vs diffusers), memory, speed (recompiles across
-# sizes, static vs dynamic graphs, FP8 vs bf16, step caching on klein-base-4b, per-op profiles of both engines).
+# sizes, static vs dynamic graphs, the eager forms against the ones they replaced, FP8 vs bf16, step caching on
+# klein-base-4b, per-op profiles of both engines, and the kernels and bytes counted per block).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
@@ -25,6 +26,8 @@ tail -1 "$OUT/memory.log" > "$OUT/memory.json"
 python3 -m kleinbild.cli bench --memory --dequant --device cuda 2>&1 | tee "$OUT/dequant.json"
 fi
 if [[ $PARTS == *speed* ]]; then
+# The eager GPU path's kernels and bytes beside diffusers' (counted on the meta device: seconds, no GPU work).
+python3 -m kleinbild.bench.traffic --preset "${PRESET:-klein-4b}" --size "${SIZE:-1024}" > "$OUT/traffic.json"
 python3 -m kleinbild.bench.speed --device cuda --preset "${PRESET:-klein-4b}" --size "${SIZE:-1024}" --vs \
   --out "$OUT/speed" 2>&1 | tee "$OUT/speed.log"
 fi

@@ -62,15 +62,18 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        n = self.norm(x)
+        # Tokens as (B, H*W, C) rows, the layout the fused attention kernels take (a channel-major view of the
+        # convolutions' output has a strided last dimension, which sends a GPU's attention to its unfused path);
+        # the 1x1 convolutions are then plain matrix products of the same weights.
+        n = self.norm(x).flatten(2).transpose(1, 2).contiguous()
+        q, k, v = (F.linear(n, m.weight.view(c, c), m.bias)[:, None] for m in (self.q, self.k, self.v))
+        out = F.linear(F.scaled_dot_product_attention(q, k, v)[:, 0], self.proj_out.weight.view(c, c),
+                       self.proj_out.bias)
+        return x + out.transpose(1, 2).reshape(b, c, h, w).contiguous(memory_format=_memory_format(x))
 
-        def tokens(t: Tensor) -> Tensor:
-            # (B, C, H, W) -> (B, 1 head, H*W, C)
-            return t.reshape(b, 1, c, h * w).transpose(-1, -2)
 
-        out = F.scaled_dot_product_attention(tokens(self.q(n)), tokens(self.k(n)), tokens(self.v(n)))
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+def _memory_format(x: Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
 class Downsample(nn.Module):
@@ -143,8 +146,7 @@ class Upsample(nn.Module):
         # Output (r, c) of the 2x2 convolution over the input padded by one sees input rows r-1, r and columns
         # c-1, c: phase 0 of pixel i sits at r = i, phase 1 at r = i + 1.
         y = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernels, bias)
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        out = torch.empty((n, co, 2 * h, 2 * wd), dtype=y.dtype, device=y.device, memory_format=fmt)
+        out = torch.empty((n, co, 2 * h, 2 * wd), dtype=y.dtype, device=y.device, memory_format=_memory_format(x))
         for a in (0, 1):
             for b in (0, 1):
                 g = 2 * a + b

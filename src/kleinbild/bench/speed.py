@@ -1,5 +1,6 @@
 """Speed probes for a GPU run (they also run, small, on the CPU): recompilations across sizes, compiled static
-against dynamic graphs, FP8 against bf16, step caching on a base model, and per-op profiles of both engines.
+against dynamic graphs, the eager GPU path's forms against the ones they replaced, FP8 against bf16, step caching
+on a base model, and per-op profiles of both engines.
 
 `python -m kleinbild.bench.speed --device cuda --out DIR` runs them all on seeded random weights of the presets'
 full size and writes `speed.json` (and the profiles' Chrome traces) to DIR; `--only` picks some. Random weights
@@ -24,7 +25,7 @@ from kleinbild.bench.cpu import PROMPT
 from kleinbild.bench.device import _sync, diffusers_peer, random_pipeline
 from kleinbild.bench.step_cache import psnr  # 100 dB for identical images, so the JSON stays finite
 
-PROBES = ("recompiles", "compiled_shapes", "fp8", "step_cache", "profile")
+PROBES = ("recompiles", "compiled_shapes", "eager_paths", "fp8", "step_cache", "profile")
 Say = Callable[[str], None]
 
 
@@ -86,6 +87,36 @@ def compiled_shapes(pipe: Any, size: int, steps: int, repeats: int, say: Say, ba
         out[name] = {"first_run": round(first, 3), "total": round(total, 4)}
         say(f"compiled shapes, {name}: {out[name]}")
     torch._dynamo.reset()
+    return out
+
+
+def eager_paths(pipe: Any, size: int, steps: int, repeats: int, say: Say) -> dict[str, Any]:
+    """Eager end to end with the DiT's GPU forms (the complex RoPE product, the fused RMSNorm) against the real-form
+    RoPE and the seven-pass RMSNorm they replaced, one at a time and both (`bench.traffic` counts their bytes)."""
+    from kleinbild import transformer as dit
+
+    def real_rope(device: torch.device) -> bool:
+        return False
+
+    def unfused_norm(self: Any, x: torch.Tensor) -> torch.Tensor:
+        return dit.rms_norm(x, self.scale, self.eps, fused=False)
+
+    variants = {"current": {}, "real_rope": {"rope": real_rope}, "unfused_rms_norm": {"norm": unfused_norm},
+                "both_previous": {"rope": real_rope, "norm": unfused_norm}}
+    saved = dit.complex_rope, dit.RMSNorm.forward
+    out: dict[str, Any] = {}
+    ref = None
+    try:
+        for name, swap in variants.items():
+            dit.complex_rope, dit.RMSNorm.forward = swap.get("rope", saved[0]), swap.get("norm", saved[1])
+            img = pipe.generate(PROMPT, width=size, height=size, steps=steps, seed=0).images[0]
+            ref = ref or img
+            total = _timed(lambda: pipe.generate(PROMPT, width=size, height=size, steps=steps, seed=0), pipe.device,
+                           repeats)
+            out[name] = {"total": round(total, 4), "psnr_vs_current_db": round(psnr(ref, img), 2)}
+            say(f"eager paths, {name}: {out[name]}")
+    finally:
+        dit.complex_rope, dit.RMSNorm.forward = saved
     return out
 
 
@@ -180,6 +211,8 @@ def run(args: argparse.Namespace, say: Say) -> dict[str, Any]:
             res["recompiles"] = recompiles(pipe, args.sizes, say)
         if "compiled_shapes" in only:
             res["compiled_shapes"] = compiled_shapes(pipe, args.size, args.steps, args.repeats, say, args.backend)
+        if "eager_paths" in only:
+            res["eager_paths"] = eager_paths(pipe, args.size, args.steps, args.repeats, say)
         if "profile" in only:
             res["profile"] = profile(pipe, args.size, args.steps, tok, out, args.vs, say)
         if "fp8" in only:
