@@ -162,6 +162,7 @@ def test_gpu_speed_probes_start_on_the_cpu(tmp_path, capsys):
 
     assert transformer.complex_rope(torch.device("cpu")), "the probe restores the forms it swapped"
     assert res["fp8"]["layers"] > 0 and res["fp8"]["fp8"]["psnr_vs_bf16_db"] > 20
+    assert res["fp8"]["calibrated_layers"] == res["fp8"]["layers"] and "fp8-static-compiled" in res["fp8"]
     rows = res["step_cache"]["rows"]
     assert [r["mode"] for r in rows] == ["none", "teacache"] and rows[0]["psnr_db"] == 100.0
     assert res["profile"]["kleinbild"][0]["ms"] > 0 and (out / "trace-kleinbild.json").is_file()

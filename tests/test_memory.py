@@ -178,3 +178,17 @@ def test_budget_tries_no_format_on_a_quantized_file(tmp_path):
     chosen, p = memory.fit_budget(str(path), opts, (full.peak_device - 1) / memory.GIB, 512, 512)
     assert chosen.quant is None and chosen.offload_mode == "model"  # the GGUF stays as it is
     KleinPipeline.from_pretrained(path, chosen, device="cpu")  # and loads with what was chosen
+
+
+def test_quality_report_measures_fp8_compute_per_call_and_calibrated():
+    import torch
+
+    from kleinbild import quant
+    from kleinbild.nano.quality import quality_report
+
+    res = quality_report("nano", formats=("fp8",), n=1, tasks=("single",))
+    assert set(res) >= {"fp8", "fp8 compute", "fp8 compute, calibrated"}
+    assert res["fp8"]["kernel"] == "dequantize just in time"
+    for label in ("fp8 compute", "fp8 compute, calibrated"):
+        assert "emulated" in res[label]["kernel"] and 20 < res[label]["psnr_min"] < float("inf")
+    assert quant.native_kernel("fp8", torch.device("cpu")) is None, "the emulation is switched off afterwards"

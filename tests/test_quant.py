@@ -362,3 +362,64 @@ def test_cpu_int8_row_blocks_match_the_dequantized_matmul(monkeypatch):
     monkeypatch.setattr(quant, "_INT8_ROWS", 10**6)
     monkeypatch.setattr(quant, "_INT8_SUB", 10**6)
     torch.testing.assert_close(layer._native_int8(x.reshape(-1, 64)).reshape(2, 57, 48), got, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- FP8 compute: activation scales
+
+
+def test_fp8_activations_take_the_layers_input_scale_else_their_maximum():
+    layer = quant.QuantLinear(quant.quantize_weight(torch.randn(16, 32), "fp8"))
+    x = torch.linspace(-3, 3, 64).reshape(2, 32)
+    q, s = layer.fp8_activations(x)
+    assert q.dtype == torch.float8_e4m3fn and float(s) == pytest.approx(3 / 448)
+    assert torch.equal(x, torch.linspace(-3, 3, 64).reshape(2, 32)), "a float32 input is scaled in a copy"
+    layer.qinput = torch.tensor(1 / 448)  # a calibrated range of [-1, 1]: larger values saturate
+    q, s = layer.fp8_activations(x)
+    assert float(s) == pytest.approx(1 / 448)
+    back = q.float() * s
+    assert float(back.max()) == pytest.approx(1.0) and float(back.min()) == pytest.approx(-1.0)
+    inside = x.abs() <= 1
+    torch.testing.assert_close(back[inside], x[inside], rtol=2**-3, atol=2**-9 / 448)
+
+
+def test_emulated_fp8_compute_is_the_scaled_mm_arithmetic():
+    """What the GPU kernel computes, checked against PyTorch's own CPU `_scaled_mm` on a small product."""
+    g = torch.Generator().manual_seed(0)
+    layer = quant.QuantLinear(quant.quantize_weight(torch.randn(48, 64, generator=g) / 8, "fp8"))
+    x = torch.randn(3, 5, 64, generator=g)
+    assert quant.native_kernel("fp8", torch.device("cpu")) is None, "off by default: the CPU dequantizes"
+    plain = layer(x)
+    quant.emulate_fp8_compute(True)
+    try:
+        assert "emulated" in quant.native_kernel("fp8", torch.device("cpu"))
+        got = layer(x)
+    finally:
+        quant.emulate_fp8_compute(False)
+    xq, sx = layer.fp8_activations(x.reshape(-1, 64))
+    want = torch._scaled_mm(xq, layer.qdata.t(), scale_a=sx, scale_b=layer.qscale.float(), out_dtype=torch.float32)
+    torch.testing.assert_close(got, want.reshape(3, 5, 48), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(got, plain), "the activations were rounded to fp8 as well"
+
+
+def test_calibrated_input_scales_are_each_layers_largest_input_and_reach_the_file():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64, bias=False), torch.nn.Linear(64, 16, bias=False))
+    assert quant.quantize_model(model, "fp8", which=lambda name, shape: True) == 2
+    inputs = [torch.randn(4, 32), 3 * torch.randn(2, 32)]
+    assert quantize.calibrate_input_scales(model, lambda: [model(x) for x in inputs]) == 2
+    first, second = model[0], model[1]
+    assert float(first.qinput) == pytest.approx(max(float(x.abs().max()) for x in inputs) / 448)
+    largest = max(float(first(x).abs().max()) for x in inputs)
+    assert float(second.qinput) == pytest.approx(largest / 448, rel=1e-3)
+    tensors = quant_file.to_file_tensors("layer", first.quant_weight())
+    back = quant_file.from_file_tensors(tensors)["layer"]
+    assert float(back.input_scale) == pytest.approx(float(first.qinput))
+    with pytest.raises(ValueError, match="no fp8 layers to calibrate"):
+        quantize.calibrate_input_scales(torch.nn.Linear(2, 2), lambda: None)
+
+
+def test_a_bad_input_scale_in_a_file_is_named():
+    tensors = quant_file.to_file_tensors("blk.lin", quant.quantize_weight(torch.randn(8, 16), "fp8"))
+    tensors["blk.lin.input_scale"] = torch.tensor(0.0)
+    with pytest.raises(ValueError, match=r"blk\.lin\.input_scale is \[0\.0\]: an activation scale is one positive"):
+        quant_file.from_file_tensors(tensors)

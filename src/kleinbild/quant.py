@@ -231,6 +231,18 @@ _NATIVE_TOLERANCE = {"fp8": 0.08, "int8": 0.08, "nvfp4": 0.35}
 _INT8_ROWS, _INT8_SUB = 512, 64
 
 
+_FP8_EMULATED = False
+
+
+def emulate_fp8_compute(enabled: bool) -> None:
+    """Where no FP8 kernel exists (a CPU), run fp8 layers as the kernel would: activations rounded to float8 with
+    one scale, times the fp8 weight, summed in float32. Slow; it is how FP8 compute's effect on images is measured
+    without a GPU (`kleinbild quantize --quality`). Off by default: those layers then dequantize the weight and
+    keep the activations as they are."""
+    global _FP8_EMULATED
+    _FP8_EMULATED = bool(enabled)
+
+
 def set_native(fmt: str, enabled: bool) -> None:
     """Allow or forbid a format's native kernel (then its layers always dequantize just in time)."""
     _NATIVE_ENABLED[check_format(fmt)] = bool(enabled)
@@ -248,6 +260,8 @@ def native_kernel(fmt: str, device: torch.device) -> str | None:
             return "fp8 _scaled_mm (per-tensor fp8 activations)"
         if fmt == "nvfp4" and cap >= (10, 0) and hasattr(torch, "float4_e2m1fn_x2"):
             return "nvfp4 _scaled_mm (nvfp4 activations)"
+    if fmt == "fp8" and _FP8_EMULATED:
+        return "fp8 activations, emulated in float32"
     return None
 
 
@@ -335,16 +349,30 @@ class QuantLinear(nn.Module):
         if self.format == "int8":
             return self._native_int8(x2).reshape(*lead, self.out_features)
         if self.format == "fp8":
-            xf = x2.float()
-            sx = (xf.abs().max().clamp_min(1e-12) / FP8_MAX).reshape(())
-            xq = (xf / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
             sw = self.qscale.float()
             if sw.ndim:
                 raise ValueError("per-row fp8 weight scales take the dequantize path")
-            y = torch._scaled_mm(xq, self.qdata.t(), scale_a=sx, scale_b=sw.reshape(()), out_dtype=torch.float32)
+            xq, sx = self.fp8_activations(x2)
+            if x2.device.type == "cuda":
+                y = torch._scaled_mm(xq, self.qdata.t(), scale_a=sx, scale_b=sw.reshape(()), out_dtype=torch.float32)
+            else:  # emulate_fp8_compute: the kernel's arithmetic (its float32 sums may run in another order)
+                y = F.linear(xq.float(), self.qdata.float()) * (sx * sw)
         else:
             y = self._native_nvfp4(x2)
         return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def fp8_activations(self, x2: Tensor) -> tuple[Tensor, Tensor]:
+        """x2 rounded to float8 codes, and their one scale: the layer's `input_scale` when it has one (from the file,
+        or `kleinbild.quantize.calibrate_input_scales`: no reduction over x2 on every call, and a value that does not
+        depend on the batch; values beyond the calibrated range saturate), else x2's absolute maximum / 448."""
+        if self.qinput is not None:
+            sx = self.qinput.float().reshape(())
+        else:  # max |x| read once in x's own dtype (exact), not through a float32 copy of |x|
+            sx = (torch.linalg.vector_norm(x2, float("inf")).float().clamp_min(1e-12) / FP8_MAX).reshape(())
+        # One float32 copy, scaled and clipped in place: three passes over it where an eager chain of new tensors
+        # makes five (the values are the same).
+        xq = x2.to(torch.float32, copy=True).div_(sx).clamp_(-FP8_MAX, FP8_MAX)
+        return xq.to(torch.float8_e4m3fn), sx
 
     def _native_int8(self, x2: Tensor) -> Tensor:
         """Per-token int8 activations times the int8 weight, rescaled per token and per output channel.

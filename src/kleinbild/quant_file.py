@@ -34,6 +34,16 @@ _FROM_MARKER = {v: k for k, v in _MARKER.items()}
 _SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "comfy_quant", "scale_weight", "scale_input")
 
 
+def _input_scale(name: str, t: Tensor) -> Tensor:
+    """A layer's per-tensor activation scale (FP8 compute divides activations by it), checked: one positive number."""
+    v = t.float().reshape(-1)
+    if v.numel() != 1 or not bool(torch.isfinite(v).all()) or float(v[0]) <= 0:
+        shown = v.tolist() if v.numel() <= 4 else f"shape {tuple(t.shape)}"
+        raise ValueError(f"{name}.input_scale is {shown}: an activation scale is one positive number; re-export the "
+                         "file, or drop the tensor to scale activations per call")
+    return v.reshape(())
+
+
 def _marker(fmt: str) -> Tensor:
     return torch.tensor(list(json.dumps({"format": _MARKER[fmt]}).encode()), dtype=torch.uint8)
 
@@ -145,7 +155,7 @@ def from_file_tensors(state: dict[str, Tensor]) -> dict[str, QuantWeight]:
                 )
             qw = QuantWeight("nvfp4", (n, k), swap_nibbles(w), scale2.float().reshape(()), block)
             state.pop(f"{name}.weight_scale_2", None)
-        qw.input_scale = None if input_scale is None else input_scale.float().reshape(())
+        qw.input_scale = None if input_scale is None else _input_scale(name, input_scale)
         for suffix in ("weight", *_SUFFIXES):
             state.pop(f"{name}.{suffix}", None)
         layers[name] = qw

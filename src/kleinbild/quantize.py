@@ -1,4 +1,5 @@
-"""`kleinbild quantize`: write a model's transformer as a quantized single file, and measure its weight memory."""
+"""`kleinbild quantize`: write a model's transformer as a quantized single file, measure its weight memory, and
+calibrate the per-layer activation scales of FP8 compute."""
 
 from __future__ import annotations
 
@@ -9,11 +10,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from kleinbild.config import DiTConfig
 from kleinbild.loading import load_into, read_transformer
-from kleinbild.quant import FORMATS, QuantLinear, native_kernel, quant_summary, quantize_weight, weight_bytes
+from kleinbild.quant import (
+    FORMATS,
+    FP8_MAX,
+    QuantLinear,
+    native_kernel,
+    quant_summary,
+    quantize_weight,
+    weight_bytes,
+)
 from kleinbild.quant_file import from_file_tensors, prepare_quantized, save_quantized
 from kleinbild.transformer import Flux2Transformer
 
@@ -28,6 +37,36 @@ def quantize_file(model: str | Path, out: str | Path, fmt: str,
         raise ValueError(f"{model} is already quantized ({sorted({q.format for q in already.values()})}); "
                          "quantize the bf16 original instead")
     return save_quantized(state, out, fmt, dtype=dtype, metadata={"kleinbild_source": str(model)})
+
+
+def calibrate_input_scales(model: nn.Module, run: Callable[[], Any]) -> int:
+    """Give every fp8 layer of `model` the static activation scale the official FP8 files carry (`input_scale`): the
+    largest |input| the layer sees while `run()` generates, over 448. Scales set earlier are dropped first, so the
+    calibration runs with per-call scales. Returns how many layers were calibrated (`QuantLinear.quant_weight` carries
+    the scale, and `quant_file.to_file_tensors` writes it as `X.input_scale`)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.format == "fp8"]
+    if not layers:
+        raise ValueError("the model has no fp8 layers to calibrate: load it with quant='fp8' (--quant fp8)")
+    amax: dict[int, Tensor] = {}
+
+    def observe(mod: nn.Module, args: tuple[Tensor, ...]) -> None:
+        seen = args[0].detach().abs().amax().float()
+        amax[id(mod)] = torch.maximum(amax[id(mod)], seen) if id(mod) in amax else seen
+
+    hooks = [m.register_forward_pre_hook(observe) for m in layers]
+    for m in layers:
+        m.qinput = None
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [m for m in layers if id(m) not in amax]
+    if missing:
+        raise ValueError(f"{len(missing)} fp8 layers saw no input while calibrating: run() must generate an image")
+    for m in layers:
+        m.qinput = (amax[id(m)] / FP8_MAX).clamp_min(1e-12).reshape(())
+    return len(layers)
 
 
 def memory_report(model: str | Path, formats: Iterable[str] = FORMATS) -> dict[str, Any]:

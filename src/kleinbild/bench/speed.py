@@ -121,9 +121,11 @@ def eager_paths(pipe: Any, size: int, steps: int, repeats: int, say: Say) -> dic
 
 
 def fp8(pipe: Any, size: int, steps: int, repeats: int, say: Say, backend: str = "inductor") -> dict[str, Any]:
-    """bf16 against FP8 (weights per tensor; `_scaled_mm` where the GPU has it): end to end and per DiT step.
-    Quantizes `pipe`'s transformer in place, so it runs after the probes that need bf16."""
+    """bf16 against FP8 (weights per tensor; `_scaled_mm` where the GPU has it), eager and compiled, with activation
+    scales per call and then calibrated (static, as the official files carry them): end to end. Quantizes `pipe`'s
+    transformer in place, so it runs after the probes that need bf16."""
     from kleinbild.quant import native_kernel, quantize_model
+    from kleinbild.quantize import calibrate_input_scales
 
     dev, out = pipe.device, {}
     ref = pipe.generate(PROMPT, width=size, height=size, steps=steps, seed=0).images[0]
@@ -131,9 +133,12 @@ def fp8(pipe: Any, size: int, steps: int, repeats: int, say: Say, backend: str =
                                                                seed=0), dev, repeats), 4)}
     out["layers"] = quantize_model(pipe.transformer, "fp8")
     out["kernel"] = native_kernel("fp8", dev)
-    for name in ("fp8", "fp8-compiled"):
+    for name in ("fp8", "fp8-compiled", "fp8-static", "fp8-static-compiled"):
+        if name == "fp8-static":
+            out["calibrated_layers"] = calibrate_input_scales(
+                pipe.transformer, lambda: pipe.generate(PROMPT, width=size, height=size, steps=steps, seed=1))
         twin = _twin(pipe)
-        if name == "fp8-compiled":
+        if name.endswith("compiled"):
             torch._dynamo.reset()
             twin.compile(decoder=False, backend=backend)
         img = twin.generate(PROMPT, width=size, height=size, steps=steps, seed=0).images[0]
