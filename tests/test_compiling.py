@@ -99,3 +99,24 @@ def test_a_server_warmed_on_load_compiles_nothing_on_requests(monkeypatch):
     finally:
         pipe.uncompile()
         torch._dynamo.reset()
+
+
+def test_fp8_compute_compiles_without_breaking_the_graph():
+    """The FP8 layers' kernel path (here its CPU emulation, with static scales after calibrating) traces into the
+    transformer's one graph, so compiling keeps FP8 compute inside the fused code."""
+    from kleinbild import KleinPipeline, quant
+    from kleinbild.quantize import calibrate_input_scales
+
+    torch._dynamo.reset()
+    pipe = KleinPipeline.from_pretrained("nano", device="cpu", quant="fp8")
+    quant.emulate_fp8_compute(True)
+    try:
+        calibrate_input_scales(pipe.transformer, lambda: _generate(pipe, 128, 128))
+        pipe.compile(dynamic=True, backend="eager", decoder=False)
+        for w, h in SIZES[:2]:
+            _generate(pipe, w, h)
+        assert pipe.compilations == {"transformer": 1}
+    finally:
+        quant.emulate_fp8_compute(False)
+        pipe.uncompile()
+        torch._dynamo.reset()
