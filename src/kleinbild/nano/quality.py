@@ -30,9 +30,7 @@ def quality_report(model: str = "nano", formats: Iterable[str] = FORMATS, n: int
     examples = [(i, ex) for task in tasks for i, ex in enumerate(shapes.eval_set(task, n, seed))]
 
     def images(pipe: Any) -> list[Any]:
-        size = pipe.preset.default_size
-        return [pipe.generate(ex.prompt, [shapes.render(s, size) for s in ex.sources] or None, width=size,
-                              height=size, seed=seed + i).images[0] for i, ex in examples]
+        return [_generate(pipe, ex, seed + i).images[0] for i, ex in examples]
 
     def score(pipe: Any) -> float:
         rep = evaluate(pipe, tasks, n=n, seed=seed)
@@ -69,13 +67,18 @@ def quality_report(model: str = "nano", formats: Iterable[str] = FORMATS, n: int
     return res
 
 
+def _generate(pipe: Any, ex: Any, seed: int) -> Any:
+    """One shapes-world example at the model's own size, its source pictures rendered as references."""
+    size = pipe.preset.default_size
+    return pipe.generate(ex.prompt, [shapes.render(s, size) for s in ex.sources] or None, width=size, height=size,
+                         seed=seed)
+
+
 def _calibrate(pipe: Any, tasks: list[str], n: int, seed: int) -> None:
     """Static activation scales from other examples than the scored ones (a tenth as many, another seed)."""
-    size, calib_seed = pipe.preset.default_size, seed + 7919
+    calib_seed = seed + 7919
     examples = [ex for task in tasks for ex in shapes.eval_set(task, max(1, n // 10), calib_seed)]
-    calibrate_input_scales(pipe.transformer, lambda: [
-        pipe.generate(ex.prompt, [shapes.render(s, size) for s in ex.sources] or None, width=size, height=size,
-                      seed=calib_seed) for ex in examples])
+    calibrate_input_scales(pipe.transformer, lambda: [_generate(pipe, ex, calib_seed) for ex in examples])
 
 
 def _configs(model: str, formats: Iterable[str], text_formats: Iterable[str], gguf_types: Iterable[str],
